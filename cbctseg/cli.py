@@ -1,0 +1,125 @@
+"""Command line: predict (the default, what grand-challenge runs), train, phantom."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("cbctseg")
+
+SUBCOMMANDS = ("predict", "train", "phantom")
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+def _predict_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", type=Path, default=Path("/input"),
+                   help="grand-challenge input root (inputs.json or images/cbct/*.mha) or a folder of .mha files")
+    p.add_argument("--output", type=Path, default=Path("/output"), help="output root (default /output)")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="nnU-Net model folder (default: /opt/ml/model when it holds a model, else weights/)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")
+    p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: all in the model folder)")
+    p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--no-mirroring", action="store_true", help="skip test-time mirroring (4x fewer passes)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="write the per-case JSON reports to this file (default: stderr only)")
+
+
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    from .training.pipeline import TF2_CONFIGURATION
+
+    p.add_argument("--raw", type=Path, required=True, help="raw ToothFairy2 folder: imagesTr/, labelsTr/ (FDI values)")
+    p.add_argument("--work", type=Path, required=True, help="working folder for nnU-Net's raw, preprocessed, results")
+    p.add_argument("--weights", type=Path, default=APP_DIR / "weights", help="where to assemble the model folder")
+    p.add_argument("--configuration", default=TF2_CONFIGURATION,
+                   help="nnU-Net configuration (resources/plans_configurations.json; 3d_fullres_torchres_tiny for "
+                        "CPU smoke runs)")
+    p.add_argument("--models", type=int, nargs="+", default=[1, 2], choices=[1, 2],
+                   help="which of the two models to train here (to split them across machines)")
+    p.add_argument("--num-gpus", type=int, default=1, help="GPUs per model (nnU-Net's DDP)")
+    p.add_argument("--da-workers", type=int, default=None, help="data-augmentation worker processes (nnUNet_n_proc_DA)")
+    p.add_argument("--processes", type=int, default=2, help="processes for fingerprint and preprocessing")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's 1500 epochs")
+    p.add_argument("--iterations", type=int, default=None, help="override nnU-Net's 250 iterations per epoch")
+    p.add_argument("--save-every", type=int, default=None, help="epochs between checkpoint_latest saves")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dataset-id", type=int, default=119)
+
+
+def _phantom_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="folder to write")
+    p.add_argument("--cases", type=int, default=1)
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 96, 96], metavar=("Z", "Y", "X"))
+    p.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("X", "Y", "Z"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", action="store_true",
+                   help="write a raw training dataset (imagesTr/, labelsTr/) instead of input images")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="process.py", description=(
+        "ToothFairy2 CBCT segmentation (nnU-Net v2 ensemble). Without a subcommand: predict."))
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command")
+    _predict_parser(sub.add_parser("predict", help="segment CBCT volumes (default)"))
+    _train_parser(sub.add_parser("train", help="raw ToothFairy2 dataset -> weights/ (resumable)"))
+    _phantom_parser(sub.add_parser("phantom", help="write synthetic CBCT phantoms"))
+    return parser
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .run import predict_main
+
+    return predict_main(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.pipeline import DatasetError, TrainOptions, run
+
+    opts = TrainOptions(raw=args.raw, work=args.work, weights=args.weights, dataset_id=args.dataset_id,
+                        configuration=args.configuration, models=tuple(args.models), num_gpus=args.num_gpus,
+                        da_workers=args.da_workers, processes=args.processes, epochs=args.epochs,
+                        iterations=args.iterations, save_every=args.save_every)
+    if args.device:
+        opts.device = args.device
+    try:
+        summary = run(opts)
+    except (DatasetError, RuntimeError, ValueError) as e:
+        log.error("train: %s", e)
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    import SimpleITK as sitk
+
+    from .phantom import PhantomSpec, make_phantom, write_raw_dataset
+
+    if args.dataset:
+        names = write_raw_dataset(args.out, args.cases, shape=args.shape, seed=args.seed, spacing=args.spacing)
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        names = []
+        for i in range(args.cases):
+            image, label = make_phantom(PhantomSpec(shape=args.shape, spacing=args.spacing, seed=args.seed + i))
+            name = f"phantom_{args.seed + i:03d}"
+            sitk.WriteImage(image, str(args.out / f"{name}.mha"), useCompression=True)
+            sitk.WriteImage(label, str(args.out / f"{name}_label.mha"), useCompression=True)
+            names.append(name)
+    log.info("phantom: wrote %d case(s) to %s", len(names), args.out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help", "-v", "--verbose"):
+        argv.insert(0, "predict")
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        args = build_parser().parse_args(["predict", *argv])
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return {"predict": cmd_predict, "train": cmd_train, "phantom": cmd_phantom}[args.command](args)
