@@ -1,0 +1,60 @@
+"""Device choice and what to say about it: GPU, driver, torch and CUDA versions, memory."""
+from __future__ import annotations
+
+import logging
+import platform
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' is CUDA when available, else the CPU; an explicit 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__})")
+    return device
+
+
+def _nvml() -> dict:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            util = pynvml.nvmlDeviceGetUtilizationRates(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            return {"driver": pynvml.nvmlSystemGetDriverVersion(), "gpu_utilization_percent": util.gpu,
+                    "gpu_memory_used_gb": round(mem.used / 1e9, 2), "gpu_memory_total_gb": round(mem.total / 1e9, 2)}
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as e:  # no GPU, no driver library: nothing to report
+        return {"nvml": f"unavailable ({type(e).__name__})"}
+
+
+def describe(device: torch.device) -> dict:
+    """Versions and hardware, for the start-up log and the per-case report."""
+    info = {"device": str(device), "torch": torch.__version__, "cuda_build": torch.version.cuda,
+            "python": platform.python_version(), "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update({"gpu": props.name, "gpu_capability": f"{props.major}.{props.minor}",
+                     "gpu_memory_gb": round(props.total_memory / 1e9, 2), "cudnn": torch.backends.cudnn.version()})
+        info.update(_nvml())
+    return info
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None

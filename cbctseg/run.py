@@ -1,0 +1,152 @@
+"""Predict: every input case through read -> preprocess -> sliding window -> finalize -> post-process -> write."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import gc_io
+from .device import describe, free_memory, peak_memory_gb, select_device
+from .model import Model, ModelError, default_model_folder, load_model
+from .postprocess import to_fdi
+from .predictor import finalize, predict_logits
+from .preprocess import preprocess
+from .resources import cutoffs, label_map, task
+from .schedule import Budget
+
+log = logging.getLogger("cbctseg")
+PROCESS_START = time.monotonic()
+APP_DIR = Path(__file__).resolve().parent.parent
+# reading, finalizing and writing after the last window, and start-up before the first
+DEFAULT_MARGIN_S = 60.0
+
+
+def choose_accumulation_device(model: Model, shape: tuple[int, ...], device: torch.device) -> torch.device:
+    """The GPU when the fp16 logits, the weights and a working margin fit in free memory, else the CPU."""
+    free = free_memory(device)
+    if free is None:
+        return device
+    voxels = int(np.prod([max(s, p) for s, p in zip(shape, model.patch_size)]))
+    needed = voxels * (2 * model.num_classes + 4)
+    margin = 4 * 1024**3  # the network's activations for one window of the winner's architecture
+    return device if needed + margin < free else torch.device("cpu")
+
+
+def predict_case(case: gc_io.Case, model: Model, device: torch.device, args: argparse.Namespace,
+                 budget: Budget) -> dict:
+    """Segment one case and write its label map; returns the case report (raises on failure)."""
+    t: dict[str, float] = {}
+    t0 = time.monotonic()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    vol = gc_io.read_volume(case.path)
+    t["read"] = time.monotonic() - t0
+    t1 = time.monotonic()
+    pre = preprocess(vol.array, vol.nnunet_properties["spacing"], model, device)
+    t["preprocess"] = time.monotonic() - t1
+    acc_device = choose_accumulation_device(model, tuple(pre.data.shape[1:]), device)
+    t1 = time.monotonic()
+    logits, pred_report = predict_logits(model, pre.data, args.step_size, not args.no_mirroring, acc_device, budget,
+                                         progress=sys.stderr.isatty() or args.verbose)
+    t["sliding_window"] = time.monotonic() - t1
+    t1 = time.monotonic()
+    labels = finalize(logits, pre, model, device)
+    del logits
+    fdi, removed = to_fdi(labels, label_map(), cutoffs())
+    fdi = fdi.cpu().numpy()
+    t["finalize"] = time.monotonic() - t1
+    t1 = time.monotonic()
+    gc_io.write_label_map(fdi, vol, case.output_path)
+    t["write"] = time.monotonic() - t1
+    t["total"] = time.monotonic() - t0
+    present = sorted(int(v) for v in np.unique(fdi) if v)
+    return {
+        "case": case.name, "status": "ok", "output": str(case.output_path),
+        "shape_zyx": list(vol.array.shape), "spacing_xyz": list(vol.spacing),
+        "network_input_shape": list(pre.data.shape[1:]), "device": str(device), "accumulated_on": str(acc_device),
+        "seconds": {k: round(v, 3) for k, v in t.items()}, "prediction": asdict(pred_report),
+        "structures_present": present, "removed_by_cutoffs": removed, "peak_gpu_memory_gb": peak_memory_gb(device),
+    }
+
+
+def summary_line(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"{r['case']}: FAILED: {r['error']}"
+    s, p = r["seconds"], r["prediction"]
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in s.items() if k != "total")
+    partial = f", skipped {len(p['skipped'])} pass(es)" if p["skipped"] else ""
+    return (f"{r['case']}: ok in {s['total']:.1f} s ({stages}), {p['items_done']}/{p['items_planned']} window passes"
+            f"{partial}, {len(r['structures_present'])} structures -> {r['output']}")
+
+
+def batch_table(reports: list[dict]) -> str:
+    """The closing table of a run over several cases."""
+    ok = [r for r in reports if r["status"] == "ok"]
+    lines = [f"{'case':40s} {'status':8s} {'seconds':>8s}"]
+    lines += [f"{r['case'][:40]:40s} {r['status']:8s} {r.get('seconds', {}).get('total', 0):8.1f}" for r in reports]
+    mean = sum(r["seconds"]["total"] for r in ok) / len(ok) if ok else 0.0
+    lines.append(f"{len(reports)} case(s), {len(ok)} ok, {len(reports) - len(ok)} failed, {mean:.1f} s per case")
+    return "\n".join(lines)
+
+
+def predict_main(args: argparse.Namespace) -> int:
+    """The predict command; exit code 0 when at least one case was written."""
+    try:
+        device = select_device(args.device)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    log.info("environment: %s", json.dumps(describe(device)))
+    try:
+        cases = gc_io.find_cases(args.input, args.output)
+    except gc_io.InputError as e:
+        log.error("nothing to do: %s", e)
+        return 2
+    weights = args.weights or default_model_folder(APP_DIR / "weights")
+    try:
+        t0 = time.monotonic()
+        model = load_model(weights, args.folds, device, expected_classes=label_map().num_classes)
+        log.info("model loaded in %.1f s", time.monotonic() - t0)
+    except ModelError as e:
+        log.error("cannot load the model: %s", e)
+        return 2
+    budget_s = args.time_budget if args.time_budget is not None else task()["time_limit_s"] - DEFAULT_MARGIN_S
+    results, reports = [], []
+    for i, case in enumerate(cases):
+        start = PROCESS_START if i == 0 else time.monotonic()
+        budget = Budget(start + budget_s if budget_s > 0 else None)
+        try:
+            report = predict_case(case, model, device, args, budget)
+            results.append(gc_io.case_result(case))
+        except gc_io.InputError as e:
+            report = {"case": case.name, "status": "failed", "error": str(e)}
+            results.append(gc_io.case_result(case, str(e)))
+        except Exception as e:  # one bad case must not stop the others
+            log.debug("%s", traceback.format_exc())
+            msg = f"{case.name}: {type(e).__name__}: {e}"
+            report = {"case": case.name, "status": "failed", "error": msg}
+            results.append(gc_io.case_result(case, msg))
+        reports.append(report)
+        log.info("report %s", json.dumps(report))
+        print(summary_line(report), file=sys.stderr, flush=True)
+    gc_io.write_results(results, args.output)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(reports, indent=1))
+    if len(cases) > 1:
+        print(batch_table(reports), file=sys.stderr)
+    n_ok = sum(r["status"] == "ok" for r in reports)
+    if n_ok == 0:
+        log.error("no case was segmented (%d failed); see results.json", len(reports))
+        return 1
+    return 0
