@@ -23,6 +23,9 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: all in the model folder)")
     p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--no-mirroring", action="store_true", help="skip test-time mirroring (4x fewer passes)")
+    p.add_argument("--accumulate", default="auto", choices=["auto", "device", "cpu", "streamed"],
+                   help="where logits accumulate (auto: the GPU when they fit, else streamed bands, else the CPU)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds per case, counted from process start for the first case (default: the "
                         "ToothFairy2 limit of resources/task.json minus 60 s); 0 disables the guard")

@@ -1,15 +1,17 @@
-"""Sliding-window prediction of the fold ensemble with mirroring, and the finalize step, on one device.
+"""Sliding-window prediction of the fold ensemble with mirroring, under a time budget, and the finalize step.
 
-Windows run on `device`; logits accumulate where `accumulate_on` says (the GPU when memory allows). The
-logit sum is fp16 as in nnU-Net; the per-voxel weight sum (fp32) makes any prefix of the work a correct
-weighted average, which is what lets the budget stop early.
+Windows run on the data's device. Logits accumulate in one of three places (`Accumulation`): the same
+device, the CPU, or *streamed*: on the device but only for the band of slices the current windows touch,
+finishing (argmax) and freeing every band no later window touches. The logit sum is fp16 as in nnU-Net;
+a per-voxel fp32 weight sum makes any subset of the work a correct weighted average, which is what lets
+the budget stop early and an out-of-memory error cost nothing already done.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
@@ -18,15 +20,23 @@ from tqdm import tqdm
 
 from .model import Model
 from .preprocess import Preprocessed, _call_with_device
-from .schedule import Budget, anytime_passes, sliding_windows
+from .schedule import Budget, WorkItem, plan_work, sliding_windows
 
 log = logging.getLogger(__name__)
 
 
+class Accumulation(str, Enum):
+    DEVICE = "device"
+    CPU = "cpu"
+    STREAMED = "streamed"
+
+
 @dataclass
 class PredictionReport:
-    """What the sliding window did for one case."""
+    """What the sliding window did for one case, what it skipped and why, and its projections."""
 
+    accumulation: str = ""
+    batch_size: int = 1
     windows: int = 0
     passes_planned: int = 0
     items_planned: int = 0
@@ -34,26 +44,94 @@ class PredictionReport:
     passes_done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds_per_item: float | None = None
+    projected_total_s: float | None = None
+    budget_left_at_start_s: float | None = None
+    events: list[str] = field(default_factory=list)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 class Accumulator:
     """Gaussian-weighted sums of logits (fp16) and of weights (fp32) over a (padded) image."""
 
     def __init__(self, num_classes: int, shape: tuple[int, ...], device: torch.device):
+        self.shape = shape
         self.logits = torch.zeros((num_classes, *shape), dtype=torch.half, device=device)
         self.weights = torch.zeros(shape, dtype=torch.float32, device=device)
 
+    @property
+    def device(self) -> torch.device:
+        return self.logits.device
+
     def add(self, window: tuple[slice, ...], logits: torch.Tensor, weight: torch.Tensor) -> None:
-        logits = logits.to(self.logits.device, non_blocking=True)
-        weight = weight.to(self.weights.device)
-        self.logits[(slice(None), *window)] += logits * weight
-        self.weights[window] += weight
+        # both products first: an out-of-memory error then leaves the sums untouched
+        weighted = logits.to(self.device) * weight.to(self.device)
+        w = weight.to(device=self.device, dtype=torch.float32)
+        self.logits[(slice(None), *window)] += weighted
+        self.weights[window] += w
+
+    def move_to(self, device: torch.device) -> None:
+        self.logits, self.weights = self.logits.to(device), self.weights.to(device)
 
     def average(self) -> torch.Tensor:
         """Logit sum divided by weight sum, in place (the accumulator is spent afterwards)."""
         if not bool((self.weights > 0).all()):
             raise RuntimeError("some voxels were covered by no window")
         return self.logits.div_(self.weights)
+
+
+class StreamedLabels:
+    """Accumulates a band of slices on the device and emits finished label slices to the CPU.
+
+    Works in the padded network space; valid when the logits need no resampling before the argmax.
+    """
+
+    def __init__(self, num_classes: int, shape: tuple[int, ...], patch_z: int, device: torch.device):
+        self.shape, self.num_classes, self.device = shape, num_classes, device
+        self.labels = torch.zeros(shape, dtype=torch.uint8)
+        self.z0 = 0  # first slice held in the band
+        self.band = Accumulator(num_classes, (min(patch_z, shape[0]), *shape[1:]), device)
+
+    def _ensure(self, z_stop: int) -> None:
+        """Grow the band so it reaches z_stop (only when windows are unevenly spaced)."""
+        held = self.band.shape[0]
+        if self.z0 + held >= z_stop:
+            return
+        bigger = Accumulator(self.num_classes, (z_stop - self.z0, *self.shape[1:]), self.device)
+        bigger.logits[:, :held] = self.band.logits
+        bigger.weights[:held] = self.band.weights
+        self.band = bigger
+
+    def add(self, window: tuple[slice, ...], logits: torch.Tensor, weight: torch.Tensor) -> None:
+        if window[0].start < self.z0:
+            raise RuntimeError("streamed accumulation needs windows in slice order")
+        self._ensure(window[0].stop)
+        local = (slice(window[0].start - self.z0, window[0].stop - self.z0), *window[1:])
+        self.band.add(local, logits, weight)
+
+    def finish_before(self, z: int) -> None:
+        """Every slice before z is final: argmax it to the CPU and drop it from the band."""
+        n = min(z, self.z0 + self.band.shape[0]) - self.z0
+        if n <= 0:
+            return
+        w = self.band.weights[:n]
+        if not bool((w > 0).all()):
+            raise RuntimeError("some voxels were covered by no window")
+        # the same fp16 rounding as Accumulator.average, so the argmax is the same
+        avg = (self.band.logits[:, :n] / w).half()
+        self.labels[self.z0:self.z0 + n] = avg.argmax(0).to(torch.uint8).cpu()
+        keep = self.band.shape[0] - n
+        self.band.logits[:, :keep] = self.band.logits[:, n:].clone()
+        self.band.weights[:keep] = self.band.weights[n:].clone()
+        self.band.logits[:, keep:] = 0
+        self.band.weights[keep:] = 0
+        self.z0 += n
+
+    def result(self) -> torch.Tensor:
+        self.finish_before(self.shape[0])
+        return self.labels
 
 
 def _autocast(device: torch.device):
@@ -65,78 +143,148 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _pass_name(model: Model, item: WorkItem) -> str:
+    return f"fold {model.folds[item.model]}" + (f" flip {list(item.flip)}" if item.flip else "")
+
+
 @torch.inference_mode()
-def predict_logits(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirroring: bool = True,
-                   accumulate_on: torch.device | None = None, budget: Budget | None = None,
-                   progress: bool = True) -> tuple[torch.Tensor, PredictionReport]:
-    """Ensembled, mirrored, Gaussian-weighted logits (C, z, y, x) of the preprocessed data (1, z, y, x)."""
+def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirroring: bool = True,
+            accumulation: Accumulation = Accumulation.DEVICE, budget: Budget | None = None,
+            batch_size: int = 1, progress: bool = True) -> tuple[torch.Tensor, bool, PredictionReport]:
+    """Run the ensemble's sliding window over data (1, z, y, x) on its device.
+
+    Returns (result, is_labels, report): averaged logits (C, z, y, x), or, when streamed, the uint8
+    argmax (z, y, x) on the CPU.
+    """
     device = data.device
-    accumulate_on = accumulate_on or device
     budget = budget or Budget(None)
     patch = model.patch_size
     padded, revert = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
-    windows = sliding_windows(tuple(padded.shape[1:]), patch, step_size)
-    passes = anytime_passes(len(model.networks), model.mirror_axes, use_mirroring)
-    report = PredictionReport(windows=len(windows), passes_planned=len(passes),
-                              items_planned=len(windows) * len(passes))
+    shape = tuple(padded.shape[1:])
+    windows = sliding_windows(shape, patch, step_size)
+    streamed = accumulation == Accumulation.STREAMED
+    items = plan_work(len(model.networks), model.mirror_axes, use_mirroring, windows, slab_major=streamed)
+    report = PredictionReport(accumulation=accumulation.value, batch_size=batch_size, windows=len(windows),
+                              passes_planned=len(items) // len(windows), items_planned=len(items),
+                              budget_left_at_start_s=None if budget.deadline is None else round(budget.left(), 1))
     gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=device)
-    acc = Accumulator(model.num_classes, tuple(padded.shape[1:]), accumulate_on)
-    bar = tqdm(total=report.items_planned, desc="sliding window", unit="pass", disable=not progress, leave=False)
-    started = None
-    stop_reason = None
-    done = [0] * len(passes)
-    for p_idx, p in enumerate(passes):
-        net = model.networks[p.model]
-        dims = [a + 2 for a in p.flip]
-        for w in windows:
-            # the first pass always completes: it is the one that covers every voxel
-            if p_idx > 0 and report.seconds_per_item is not None and not budget.allows(report.seconds_per_item):
-                stop_reason = f"time budget: {budget.left():.1f} s left, one window takes {report.seconds_per_item:.2f} s"
-                break
-            x = padded[(slice(None), *w)][None]
+    if streamed:
+        acc = StreamedLabels(model.num_classes, shape, patch[0], device)
+    else:
+        acc = Accumulator(model.num_classes, shape, device if accumulation == Accumulation.DEVICE else torch.device("cpu"))
+    done = [False] * len(items)
+    mandatory_left = sum(1 for it in items if it.mandatory)
+    bar = tqdm(total=len(items), desc="sliding window", unit="window", disable=not progress, leave=False)
+    started, timed_items, skip_reason = None, 0, None
+    t_first = budget.clock()
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.mandatory and report.seconds_per_item is not None:
+            need = report.seconds_per_item * (1 + mandatory_left)
+            if not budget.allows(need):
+                skip_reason = (f"time budget: {budget.left():.1f} s left, {mandatory_left} required windows and this "
+                               f"one need {need:.1f} s")
+                i += 1
+                continue
+        # a batch: consecutive items of the same network and flip
+        batch = [i]
+        while (len(batch) < batch_size and batch[-1] + 1 < len(items)
+               and items[batch[-1] + 1].model == item.model and items[batch[-1] + 1].flip == item.flip
+               and (item.mandatory or report.seconds_per_item is None
+                    or budget.allows(report.seconds_per_item * (len(batch) + 1 + mandatory_left)))):
+            batch.append(batch[-1] + 1)
+        if streamed:
+            acc.finish_before(min(items[j].window[0].start for j in range(i, len(items))))
+        try:
+            dims = [a + 2 for a in item.flip]
+            x = torch.stack([padded[(slice(None), *items[j].window)] for j in batch])
             x = torch.flip(x, dims) if dims else x.contiguous()
             with _autocast(device):
-                y = net(x)
+                y = model.networks[item.model](x)
             y = torch.flip(y, dims) if dims else y
-            acc.add(w, y[0].float(), gaussian)
-            done[p_idx] += 1
-            report.items_done += 1
-            bar.update()
-            _sync(device)
-            if report.items_done == 1:
-                started = time.monotonic()  # the first window pays for warm-up; time the rest
-            else:
-                report.seconds_per_item = (time.monotonic() - started) / (report.items_done - 1)
-        if stop_reason:
-            break
-    for p, n in zip(passes, done):
-        name = f"fold {model.folds[p.model]}" + (f" flip {list(p.flip)}" if p.flip else "")
-        if n == len(windows):
+            for k, j in enumerate(batch):
+                acc.add(items[j].window, y[k].float(), gaussian)
+                done[j] = True
+                mandatory_left -= items[j].mandatory
+                report.items_done += 1
+                bar.update()
+        except RuntimeError as e:
+            if not _is_oom(e):
+                raise
+            del e
+            _recover_from_oom(acc, report, device, streamed)
+            if report.batch_size > 1:
+                report.batch_size = batch_size = max(1, batch_size // 2)
+            continue  # the same item again; finished items stay in the sums
+        _sync(device)
+        now = budget.clock()
+        if started is None:
+            # the first batch pays for warm-up: a pessimistic estimate until later batches are timed
+            report.seconds_per_item = (now - t_first) / len(batch)
+            started = now
+        else:
+            timed_items += len(batch)
+            report.seconds_per_item = (now - started) / timed_items
+            if report.projected_total_s is None:
+                report.projected_total_s = round(report.seconds_per_item * len(items), 1)
+        i = batch[-1] + 1
+    bar.close()
+    passes: dict[tuple, list[int]] = {}
+    for k, it in enumerate(items):
+        passes.setdefault((it.model, it.flip), []).append(k)
+    for ks in passes.values():
+        name = _pass_name(model, items[ks[0]])
+        missing = sum(not done[k] for k in ks)
+        if missing == 0:
             report.passes_done.append(name)
         else:
-            report.skipped.append(f"{name}: {len(windows) - n} of {len(windows)} windows ({stop_reason})")
-    bar.close()
+            report.skipped.append(f"{name}: {missing} of {len(windows)} windows ({skip_reason})")
+    if streamed:
+        labels = acc.result()
+        return labels[revert[1:]], True, report
     logits = acc.average()
-    return logits[(slice(None), *revert[1:])], report
+    return logits[(slice(None), *revert[1:])], False, report
+
+
+def _recover_from_oom(acc, report: PredictionReport, device: torch.device, streamed: bool) -> None:
+    """Free what can be freed and move the sums off the GPU; nothing finished is lost."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if isinstance(acc, Accumulator) and acc.device.type == "cuda":
+        acc.move_to(torch.device("cpu"))
+        report.accumulation = Accumulation.CPU.value
+        report.events.append("out of GPU memory: moved the logit sums to the CPU and continued")
+    elif streamed and acc.band.device.type == "cuda":
+        acc.band.move_to(torch.device("cpu"))
+        acc.device = torch.device("cpu")
+        report.events.append("out of GPU memory: moved the streamed band to the CPU and continued")
+    elif report.batch_size > 1:
+        report.events.append(f"out of memory: batch {report.batch_size} -> {max(1, report.batch_size // 2)}")
+    else:
+        raise torch.OutOfMemoryError("out of memory with batch size 1 and the sums on the CPU")
 
 
 @torch.inference_mode()
 def finalize(logits: torch.Tensor, pre: Preprocessed, model: Model, device: torch.device,
-             channels_per_chunk: int = 8) -> torch.Tensor:
+             is_labels: bool = False, channels_per_chunk: int = 8) -> torch.Tensor:
     """Label map (uint8, contiguous labels) on the input grid: resample logits back, argmax, un-crop, un-transpose.
 
     Resampling runs over channel chunks with a running argmax, so the float32 copy nnU-Net makes of all
     43 channels never exists; the result is the same because resampling treats channels independently.
     """
     pm, cm = model.plans_manager, model.configuration
-    logits = logits.to(device)
-    target_shape = pre.shape_after_cropping
-    if tuple(logits.shape[1:]) == tuple(target_shape):
-        labels = logits.argmax(0).to(torch.uint8)
+    target_shape = tuple(pre.shape_after_cropping)
+    if is_labels:
+        if tuple(logits.shape) != target_shape:
+            raise RuntimeError("streamed labels need no resampling; use another accumulation for this case")
+        labels = logits.to(device)
+    elif tuple(logits.shape[1:]) == target_shape:
+        labels = logits.to(device).argmax(0).to(torch.uint8)
     else:
         best_val = best_idx = None
         for c0 in range(0, logits.shape[0], channels_per_chunk):
-            chunk = logits[c0:c0 + channels_per_chunk]
+            chunk = logits[c0:c0 + channels_per_chunk].to(device)
             res = _call_with_device(cm.resampling_fn_probabilities, chunk, target_shape, pre.target_spacing,
                                     pre.spacing_transposed, device=device).float()
             val, idx = res.max(0)

@@ -17,27 +17,54 @@ from . import gc_io
 from .device import describe, free_memory, peak_memory_gb, select_device
 from .model import Model, ModelError, default_model_folder, load_model
 from .postprocess import to_fdi
-from .predictor import finalize, predict_logits
+from .predictor import Accumulation, finalize, predict
 from .preprocess import preprocess
 from .resources import cutoffs, label_map, task
 from .schedule import Budget
 
 log = logging.getLogger("cbctseg")
-PROCESS_START = time.monotonic()
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (the interpreter and imports count against grand-challenge's limit)."""
+    try:
+        import os
+
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+PROCESS_START = time.monotonic() - _process_age_s()
 APP_DIR = Path(__file__).resolve().parent.parent
 # reading, finalizing and writing after the last window, and start-up before the first
 DEFAULT_MARGIN_S = 60.0
 
 
-def choose_accumulation_device(model: Model, shape: tuple[int, ...], device: torch.device) -> torch.device:
-    """The GPU when the fp16 logits, the weights and a working margin fit in free memory, else the CPU."""
+def choose_accumulation(model: Model, shape: tuple[int, ...], needs_resampling: bool, device: torch.device,
+                        requested: str = "auto") -> Accumulation:
+    """Where the logits accumulate: the GPU when they fit in free memory, else streamed bands, else the CPU."""
+    if requested != "auto":
+        return Accumulation(requested)
     free = free_memory(device)
     if free is None:
-        return device
-    voxels = int(np.prod([max(s, p) for s, p in zip(shape, model.patch_size)]))
-    needed = voxels * (2 * model.num_classes + 4)
-    margin = 4 * 1024**3  # the network's activations for one window of the winner's architecture
-    return device if needed + margin < free else torch.device("cpu")
+        return Accumulation.DEVICE
+    padded = [max(s, p) for s, p in zip(shape, model.patch_size)]
+    per_slice = int(np.prod(padded[1:])) * (2 * model.num_classes + 4)
+    margin = 4 * 1024**3  # one window's activations in the winner's architecture, with room to spare
+    if per_slice * padded[0] + margin < free:
+        return Accumulation.DEVICE
+    if not needs_resampling and per_slice * 2 * model.patch_size[0] + margin < free:
+        return Accumulation.STREAMED
+    return Accumulation.CPU
+
+
+def finalize_reserve_s(voxels: int, num_classes: int, device: torch.device) -> float:
+    """Projected seconds for finalize and writing after the last window (argmax over all classes dominates)."""
+    per_voxel_class = 1e-10 if device.type == "cuda" else 1.5e-8  # measured order of magnitude
+    return 2.0 + voxels * num_classes * per_voxel_class + voxels * 5e-8
 
 
 def predict_case(case: gc_io.Case, model: Model, device: torch.device, args: argparse.Namespace,
@@ -52,14 +79,18 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, args: arg
     t1 = time.monotonic()
     pre = preprocess(vol.array, vol.nnunet_properties["spacing"], model, device)
     t["preprocess"] = time.monotonic() - t1
-    acc_device = choose_accumulation_device(model, tuple(pre.data.shape[1:]), device)
+    budget.reserve_s = finalize_reserve_s(int(np.prod(vol.array.shape)), model.num_classes, device)
+    needs_resampling = tuple(pre.data.shape[1:]) != tuple(pre.shape_after_cropping)
+    accumulation = choose_accumulation(model, tuple(pre.data.shape[1:]), needs_resampling, device, args.accumulate)
+    if accumulation == Accumulation.STREAMED and needs_resampling:
+        raise ValueError("--accumulate streamed needs a case at the plans' spacing (no resampling)")
     t1 = time.monotonic()
-    logits, pred_report = predict_logits(model, pre.data, args.step_size, not args.no_mirroring, acc_device, budget,
-                                         progress=sys.stderr.isatty() or args.verbose)
+    result, is_labels, pred_report = predict(model, pre.data, args.step_size, not args.no_mirroring, accumulation,
+                                             budget, args.batch_size, progress=sys.stderr.isatty() or args.verbose)
     t["sliding_window"] = time.monotonic() - t1
     t1 = time.monotonic()
-    labels = finalize(logits, pre, model, device)
-    del logits
+    labels = finalize(result, pre, model, device, is_labels)
+    del result
     fdi, removed = to_fdi(labels, label_map(), cutoffs())
     fdi = fdi.cpu().numpy()
     t["finalize"] = time.monotonic() - t1
@@ -71,7 +102,7 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, args: arg
     return {
         "case": case.name, "status": "ok", "output": str(case.output_path),
         "shape_zyx": list(vol.array.shape), "spacing_xyz": list(vol.spacing),
-        "network_input_shape": list(pre.data.shape[1:]), "device": str(device), "accumulated_on": str(acc_device),
+        "network_input_shape": list(pre.data.shape[1:]), "device": describe(device),
         "seconds": {k: round(v, 3) for k, v in t.items()}, "prediction": asdict(pred_report),
         "structures_present": present, "removed_by_cutoffs": removed, "peak_gpu_memory_gb": peak_memory_gb(device),
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
@@ -33,6 +34,34 @@ def anytime_passes(n_models: int, mirror_axes: tuple[int, ...], use_mirroring: b
     return [Pass(m, f) for f in flips for m in range(n_models)]
 
 
+@dataclass(frozen=True)
+class WorkItem:
+    """One forward pass: a network, a flip and a window. Mandatory items give every voxel an answer."""
+
+    model: int
+    flip: tuple[int, ...]
+    window: tuple[slice, ...]
+    mandatory: bool
+
+
+def plan_work(n_models: int, mirror_axes: tuple[int, ...], use_mirroring: bool, windows: list[tuple[slice, ...]],
+              slab_major: bool = False) -> list[WorkItem]:
+    """All work items in order. Mandatory: the first model, unmirrored, on every window.
+
+    Pass-major (default): pass after pass over all windows, so any prefix is a complete answer. Slab-major
+    (for streamed accumulation): all passes of one slab of windows (same first-axis start) before the next,
+    so finished slices can be freed; there the budget keeps the mandatory items of later slabs.
+    """
+    passes = anytime_passes(n_models, mirror_axes, use_mirroring)
+    if not slab_major:
+        return [WorkItem(p.model, p.flip, w, i == 0) for i, p in enumerate(passes) for w in windows]
+    slabs: dict[int, list[tuple[slice, ...]]] = {}
+    for w in windows:
+        slabs.setdefault(w[0].start, []).append(w)
+    return [WorkItem(p.model, p.flip, w, i == 0) for z in sorted(slabs) for i, p in enumerate(passes)
+            for w in slabs[z]]
+
+
 def sliding_windows(image_shape: tuple[int, ...], patch: tuple[int, ...], step: float) -> list[tuple[slice, ...]]:
     """nnU-Net's window positions (evenly spaced, `ceil((size - patch) / (patch * step)) + 1` per axis)."""
     steps = compute_steps_for_sliding_window(image_shape, patch, step)
@@ -40,15 +69,17 @@ def sliding_windows(image_shape: tuple[int, ...], patch: tuple[int, ...], step: 
 
 
 class Budget:
-    """A deadline on the clock, with the time the work after prediction (finalize, writing) still needs."""
+    """A deadline on a clock, less the time the work after the sliding window (finalize, writing) needs."""
 
-    def __init__(self, deadline: float | None, reserve_s: float = 0.0):
-        self.deadline = deadline  # time.monotonic() value, None for no limit
+    def __init__(self, deadline: float | None, reserve_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self.deadline = deadline  # a clock() value; None: no limit
         self.reserve_s = reserve_s
+        self.clock = clock
 
     def left(self) -> float:
-        return float("inf") if self.deadline is None else self.deadline - time.monotonic() - self.reserve_s
+        """Seconds left for the sliding window."""
+        return float("inf") if self.deadline is None else self.deadline - self.clock() - self.reserve_s
 
     def allows(self, seconds: float) -> bool:
-        """Whether work projected to take `seconds` still ends before the deadline."""
+        """Whether work projected to take `seconds` still ends in time."""
         return seconds <= self.left()

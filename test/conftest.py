@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parent.parent
-WEIGHTS = REPO / "weights"
+WEIGHTS = Path(os.environ.get("CBCTSEG_TEST_WEIGHTS", REPO / "weights"))
 TRAINERS = REPO / "cbctseg" / "training" / "nnunet_trainers"
 # nnU-Net resolves our trainer class by name (oracle predictor, training); it reads this at import time.
 os.environ.setdefault("nnUNet_extTrainer", str(TRAINERS))

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtual environment with the pinned requirements; idempotent.
+# CBCTSEG_VENV chooses where (default: .venv in the repository). Debian's /usr/bin/python3 is preferred:
+# a non-root user (the container sandbox) can run it, unlike interpreters kept under /root.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${CBCTSEG_VENV:-$repo/.venv}"
+python="${CBCTSEG_PYTHON:-}"
+if [[ -z "$python" ]]; then
+  if [[ -x /usr/bin/python3 ]]; then python=/usr/bin/python3; else python="$(command -v python3)"; fi
+fi
+
+if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    echo "setup: installing python3-venv" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  else
+    echo "setup: $python cannot create virtual environments (install python3-venv)" >&2
+    exit 1
+  fi
+fi
+
+stamp="$venv/.requirements.sha256"
+want="$(cat "$repo/requirements.txt" "$repo/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  echo "setup: $venv is up to date" >&2
+  exit 0
+fi
+echo "setup: installing the pinned requirements into $venv (a few minutes, about 6 GB)" >&2
+"$python" -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" -m pip install -q -r "$repo/requirements.txt" -r "$repo/requirements-dev.txt"
+echo "$want" > "$stamp"
+echo "setup: done" >&2

@@ -1,0 +1,146 @@
+"""The time budget, partial ensembles, where logits accumulate, and out-of-memory recovery."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from cbctseg import gc_io
+from cbctseg.model import load_model
+from cbctseg.phantom import PhantomSpec, make_phantom_arrays
+from cbctseg.predictor import Accumulation, finalize, predict
+from cbctseg.preprocess import preprocess
+from cbctseg.run import predict_case
+from cbctseg.schedule import Budget, plan_work, sliding_windows
+from conftest import WEIGHTS, write_phantom
+
+CPU = torch.device("cpu")
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a network: optional sleep or fake-clock tick per call, an injected OOM, and a record of calls."""
+
+    def __init__(self, net, sleep_s=0.0, clock=None, oom_on_call=None):
+        super().__init__()
+        self.net, self.sleep_s, self.clock, self.oom_on_call = net, sleep_s, clock, oom_on_call
+        self.calls, self.windows_seen, self.outputs = 0, 0, []
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.oom_on_call:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        if self.clock is not None:
+            self.clock.t += 1.0
+        self.windows_seen += x.shape[0]
+        y = self.net(x)
+        self.outputs.append(y.detach().clone())
+        return y
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def _model(folds=("0", "1"), **wrap):
+    model = load_model(WEIGHTS, list(folds), CPU)
+    model.networks = [Recorder(n, **wrap) for n in model.networks]
+    return model
+
+
+def _data(model, shape, seed=2):
+    img, _ = make_phantom_arrays(PhantomSpec(shape=shape, seed=seed))
+    return preprocess(img, [1.0, 1.0, 1.0], model, CPU)
+
+
+def test_slow_network_and_short_budget_end_in_time_with_a_complete_label_map(tmp_path, weights):
+    image, _ = write_phantom(tmp_path / "in" / "slow.mha", shape=(40, 64, 64), seed=1)
+    model = _model(sleep_s=1.0)
+    case = gc_io.Case("slow.mha", tmp_path / "in" / "slow.mha", tmp_path / "out" / "slow.mha")
+    args = argparse.Namespace(step_size=0.5, no_mirroring=False, accumulate="auto", batch_size=1, verbose=False)
+    start = time.monotonic()
+    budget_s = 6.0
+    report = predict_case(case, model, CPU, args, Budget(start + budget_s))
+    elapsed = time.monotonic() - start
+    assert elapsed < budget_s, elapsed
+    pred = report["prediction"]
+    assert pred["items_planned"] == 8 and 1 <= pred["items_done"] < 8
+    assert pred["passes_done"][0] == "fold 0" and pred["skipped"]
+    assert all("time budget" in s for s in pred["skipped"])
+    out = sitk.ReadImage(str(case.output_path))
+    assert out.GetSize() == image.GetSize() and out.GetPixelID() == sitk.sitkUInt8
+    assert len(np.unique(sitk.GetArrayFromImage(out))) > 5
+
+
+def test_partial_ensemble_is_the_weighted_average_of_the_items_done(weights):
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    clock = FakeClock()
+    model = _model(clock=clock)
+    pre = _data(model, (56, 96, 96))
+    windows = sliding_windows(tuple(pre.data.shape[1:]), model.patch_size, 0.5)
+    assert len(windows) == 8
+    # 8 windows per pass; the fake clock ticks 1 s per window: room for the first pass and 3 more windows
+    budget = Budget(clock.t + 11.5, clock=clock)
+    logits, is_labels, report = predict(model, pre.data, 0.5, True, Accumulation.DEVICE, budget, progress=False)
+    assert not is_labels and report.items_done == 11 and report.items_planned == 64
+    items = plan_work(2, model.mirror_axes, True, windows)[:11]
+    # the weights as the engine uses them (fp16, as nnU-Net), summed exactly here
+    g = compute_gaussian(model.patch_size, 1.0 / 8, 10, device=CPU).double()
+    num = torch.zeros((model.num_classes, *pre.data.shape[1:]), dtype=torch.float64)
+    den = torch.zeros(pre.data.shape[1:], dtype=torch.float64)
+    calls = {0: iter(model.networks[0].outputs), 1: iter(model.networks[1].outputs)}
+    for it in items:
+        out = next(calls[it.model])[0].double()
+        out = torch.flip(out, [a + 1 for a in it.flip]) if it.flip else out
+        num[(slice(None), *it.window)] += out * g
+        den[it.window] += g
+    expected = (num / den).float()
+    # fp16 sums (nnU-Net's precision) are exact to ~1e-3 relative, except where every covering window's
+    # Gaussian weight is near zero (image corners): compare values there by their argmax only
+    solid = den >= 0.01
+    torch.testing.assert_close(logits.float()[:, solid], expected[:, solid], atol=0.05, rtol=0.01)
+    assert float((logits.argmax(0) == expected.argmax(0)).float().mean()) >= 0.999
+    assert report.passes_done == ["fold 0"] and len(report.skipped) == 7
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_streamed_device_and_cpu_accumulation_give_the_same_labels(weights, batch_size):
+    model = _model(folds=("0",))
+    pre = _data(model, (56, 96, 96), seed=4)
+    labels = {}
+    for mode in Accumulation:
+        result, is_labels, report = predict(model, pre.data, 0.5, True, mode, None, batch_size, progress=False)
+        assert is_labels == (mode == Accumulation.STREAMED) and report.items_done == 32
+        labels[mode] = finalize(result, pre, model, CPU, is_labels).numpy()
+    ref = labels[Accumulation.DEVICE]
+    assert len(np.unique(ref)) > 10
+    # the same sums in the same order
+    np.testing.assert_array_equal(labels[Accumulation.CPU], ref)
+    # the same sums in another order (slab by slab): fp16 rounding may flip a near-tie
+    agreement = float((labels[Accumulation.STREAMED] == ref).mean())
+    assert agreement >= 0.999, agreement
+
+
+def test_out_of_memory_mid_case_loses_no_finished_work(weights):
+    ref_model = _model(folds=("0",))
+    pre = _data(ref_model, (56, 96, 96), seed=6)
+    ref, _, _ = predict(ref_model, pre.data, 0.5, False, Accumulation.DEVICE, None, 1, progress=False)
+    model = _model(folds=("0",), oom_on_call=3)
+    out, _, report = predict(model, pre.data, 0.5, False, Accumulation.DEVICE, None, 2, progress=False)
+    net = model.networks[0]
+    # batches of 2: two batches done, the third fails, then batch size 1 for the 4 windows left
+    assert net.windows_seen == 8 and net.calls == 2 + 1 + 4
+    assert report.items_done == 8 and report.batch_size == 1 and any("out of memory" in e for e in report.events)
+    # batch 2 and batch 1 convolutions differ in the last bits; fp16 sums keep that small
+    torch.testing.assert_close(out.float(), ref.float(), atol=5e-2, rtol=1e-2)
+    assert float((out.argmax(0) == ref.argmax(0)).float().mean()) >= 0.9999

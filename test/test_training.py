@@ -1,0 +1,113 @@
+"""The training command end to end on the CPU: raw phantom dataset -> weights/ -> process.py -> a valid output."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from cbctseg.phantom import write_raw_dataset
+from conftest import REPO, run_process, write_phantom
+
+TINY = ["--configuration", "3d_fullres_torchres_tiny", "--device", "cpu", "--da-workers", "1"]
+MODEL_DIR = "nnUNet_results_model{m}/Dataset119_ToothFairy2/nnUNetTrainer_onlyMirror01_custom__" \
+            "nnUNetResEncUNetLPlans_torchres__3d_fullres_torchres_tiny/fold_all"
+
+
+def train_cmd(raw: Path, work: Path, weights: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "process.py"), "train", "--raw", str(raw), "--work", str(work),
+            "--weights", str(weights), *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short training run of both models on a 2-case phantom dataset."""
+    root = tmp_path_factory.mktemp("train")
+    raw, work, weights = root / "raw", root / "work", root / "weights"
+    write_raw_dataset(raw, 2, shape=(48, 64, 64))
+    t0 = time.monotonic()
+    r = subprocess.run(train_cmd(raw, work, weights, "--epochs", "1", "--iterations", "2"), capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-5000:]
+    return raw, work, weights, time.monotonic() - t0, r
+
+
+def test_training_produces_weights_that_process_py_uses(trained, tmp_path):
+    raw, work, weights, seconds, r = trained
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["trainer"] == "nnUNetTrainer_onlyMirror01_custom" and summary["models"] == [1, 2]
+    for name in ("plans.json", "dataset.json", "provenance.json", "fold_0/checkpoint_final.pth",
+                 "fold_1/checkpoint_final.pth"):
+        assert (weights / name).is_file(), name
+    prov = json.loads((weights / "provenance.json").read_text())
+    assert prov["configuration"] == "3d_fullres_torchres_tiny" and prov["epochs"] == 1 and prov["nnunetv2"] == "2.8.1"
+    ckpt = torch.load(weights / "fold_1" / "checkpoint_final.pth", weights_only=False)
+    assert "optimizer_state" not in ckpt and tuple(ckpt["inference_allowed_mirroring_axes"]) == (0, 1)
+    # the two models are two trainings, not one copied
+    ckpt0 = torch.load(weights / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    k = next(iter(ckpt0["network_weights"]))
+    assert not torch.equal(ckpt0["network_weights"][k], ckpt["network_weights"][k])
+    # labels were converted to contiguous values
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "nnUNet_raw/Dataset119_ToothFairy2/labelsTr/"
+                                                    "ToothFairy2F_001.mha")))
+    assert set(np.unique(lab).tolist()) == set(range(43))
+
+    image, _ = write_phantom(tmp_path / "in" / "x.mha", shape=(40, 60, 70), seed=9)
+    p = run_process("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", str(weights),
+                    "--no-mirroring")
+    assert p.returncode == 0, p.stderr
+    out = sitk.ReadImage(str(tmp_path / "out/images/oral-pharyngeal-segmentation/x.mha"))
+    assert out.GetSize() == image.GetSize() and out.GetPixelID() == sitk.sitkUInt8
+
+
+def test_rerun_after_finish_redoes_nothing(trained):
+    raw, work, weights, seconds, _ = trained
+    finals = sorted(work.glob("nnUNet_results_model*/**/checkpoint_final.pth"))
+    before = {p: p.stat().st_mtime_ns for p in finals}
+    t0 = time.monotonic()
+    r = subprocess.run(train_cmd(raw, work, weights, "--epochs", "1", "--iterations", "2"), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "running nnUNetv2" not in r.stderr
+    for step in ("convert", "fingerprint", "plans", "preprocess", "train model 1", "train model 2"):
+        assert f"{step}:" in r.stderr and "skipped" in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in finals} == before
+    assert time.monotonic() - t0 < seconds / 2
+
+
+def test_interrupted_training_resumes_from_latest_checkpoint(trained, tmp_path):
+    raw, work, _, _, _ = trained
+    # reuse the converted, planned and preprocessed dataset; train a third epoch count so nothing is final yet
+    work2 = tmp_path / "work"
+    work2.mkdir()
+    for sub in ("nnUNet_raw", "nnUNet_preprocessed"):
+        os.symlink(work / sub, work2 / sub)
+    cmd = train_cmd(raw, work2, tmp_path / "weights", "--models", "1", "--epochs", "3", "--iterations", "2",
+                    "--save-every", "1")
+    latest = work2 / MODEL_DIR.format(m=1) / "checkpoint_latest.pth"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(1.0)  # let torch.save finish the file
+    assert latest.exists(), "no checkpoint_latest.pth appeared"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    epoch = torch.load(latest, weights_only=False)["current_epoch"]
+    assert 1 <= epoch < 3
+    assert not (latest.parent / "checkpoint_final.pth").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from checkpoint_latest.pth" in r.stderr
+    assert torch.load(latest.parent / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 3
+    logs = sorted(latest.parent.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime)
+    resumed = logs[-1].read_text()
+    assert f"Epoch {epoch}\n" in resumed and "Epoch 0\n" not in resumed
