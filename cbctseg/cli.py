@@ -9,7 +9,7 @@ from pathlib import Path
 
 log = logging.getLogger("cbctseg")
 
-SUBCOMMANDS = ("predict", "train", "phantom")
+SUBCOMMANDS = ("predict", "train", "phantom", "evaluate", "cutoffs")
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -29,6 +29,8 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds per case, counted from process start for the first case (default: the "
                         "ToothFairy2 limit of resources/task.json minus 60 s); 0 disables the guard")
+    p.add_argument("--pictures", type=Path, default=None,
+                   help="also write a PNG per case (axial, coronal, sagittal slices with the labels) to this folder")
     p.add_argument("--report", type=Path, default=None,
                    help="write the per-case JSON reports to this file (default: stderr only)")
 
@@ -64,6 +66,17 @@ def _phantom_parser(p: argparse.ArgumentParser) -> None:
                    help="write a raw training dataset (imagesTr/, labelsTr/) instead of input images")
 
 
+def _cutoffs_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pred", type=Path, nargs="+", required=True,
+                   help="cross-validation prediction folders (e.g. nnU-Net's fold_X/validation)")
+    p.add_argument("--truth", type=Path, required=True, help="ground-truth label folder (same file names)")
+    p.add_argument("--pred-labels", choices=["contiguous", "fdi"], default="contiguous",
+                   help="label values of the predictions (nnU-Net's validation output: contiguous)")
+    p.add_argument("--truth-labels", choices=["contiguous", "fdi"], default="fdi",
+                   help="label values of the truth (a raw ToothFairy2 labelsTr: fdi)")
+    p.add_argument("--out", type=Path, default=None, help="cutoffs file to write (default resources/cutoffs.json)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="process.py", description=(
         "ToothFairy2 CBCT segmentation (nnU-Net v2 ensemble). Without a subcommand: predict."))
@@ -72,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     _predict_parser(sub.add_parser("predict", help="segment CBCT volumes (default)"))
     _train_parser(sub.add_parser("train", help="raw ToothFairy2 dataset -> weights/ (resumable)"))
     _phantom_parser(sub.add_parser("phantom", help="write synthetic CBCT phantoms"))
+    from .evaluation import add_arguments as _evaluate_parser
+
+    _evaluate_parser(sub.add_parser("evaluate", help="Dice and HD95 per structure, as the challenge scores them"))
+    _cutoffs_parser(sub.add_parser("cutoffs", help="per-class volume cutoffs from cross-validation predictions"))
     return parser
 
 
@@ -119,6 +136,27 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import run_from_args
+
+    return run_from_args(args)
+
+
+def cmd_cutoffs(args: argparse.Namespace) -> int:
+    from .training.cutoffs import find_cutoffs, write_cutoffs
+
+    try:
+        found, n = find_cutoffs(args.pred, args.truth, args.pred_labels == "contiguous",
+                                args.truth_labels == "contiguous")
+    except (FileNotFoundError, ValueError) as e:
+        log.error("cutoffs: %s", e)
+        return 2
+    path = write_cutoffs(found, n, args.out)
+    log.info("cutoffs: %d classes with a cutoff, from %d cases -> %s", sum(v > 0 for v in found.values()), n, path)
+    print(json.dumps({str(k): v for k, v in found.items()}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help", "-v", "--verbose"):
@@ -128,4 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(["predict", *argv])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return {"predict": cmd_predict, "train": cmd_train, "phantom": cmd_phantom}[args.command](args)
+    commands = {"predict": cmd_predict, "train": cmd_train, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
+                "cutoffs": cmd_cutoffs}
+    return commands[args.command](args)

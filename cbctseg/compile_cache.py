@@ -40,7 +40,7 @@ def _slug(text: str) -> str:
 
 
 def cache_path(weights_dir: Path, device: torch.device) -> Path:
-    """Where this GPU + torch build's cache for these weights lives: <weights>/compile_cache/<gpu>-torch<ver>-<plans>.bin.
+    """Where this GPU and torch build's cache lives: <weights>/compile_cache/<gpu>-torch<ver>-<plans>.bin.
 
     The plans' hash is in the name because the compiled graph depends on the architecture and patch size.
     """
@@ -131,7 +131,8 @@ def maybe_compile(networks: list[torch.nn.Module], device: torch.device, weights
 
 
 @torch.inference_mode()
-def warm_up(networks: list[torch.nn.Module], patch: tuple[int, ...], device: torch.device, batch_size: int = 1) -> float:
+def warm_up(networks: list[torch.nn.Module], patch: tuple[int, ...], device: torch.device,
+            batch_size: int = 1) -> float:
     """One forward pass per network on a window-shaped input, as the predictor runs it; returns seconds."""
     t0 = time.monotonic()
     x = torch.randn((batch_size, 1, *patch), device=device)

@@ -96,6 +96,10 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, args: arg
     t["finalize"] = time.monotonic() - t1
     t1 = time.monotonic()
     gc_io.write_label_map(fdi, vol, case.output_path)
+    if getattr(args, "pictures", None):
+        from .pictures import render_case
+
+        render_case(vol.array, fdi, Path(args.pictures) / f"{Path(case.name).stem}.png", title=case.name)
     t["write"] = time.monotonic() - t1
     t["total"] = time.monotonic() - t0
     present = sorted(int(v) for v in np.unique(fdi) if v)

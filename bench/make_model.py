@@ -1,0 +1,94 @@
+"""An nnU-Net v2 model folder with random weights for benchmarks: plans.json, dataset.json, fold_*/checkpoint_final.pth.
+
+The default is the ToothFairy2 winner's architecture (`bench/tf2_plans.json`, configuration
+3d_fullres_torchres_ps160x320x320_bs2, 43 classes). A configuration missing from the plans is taken from
+`resources/plans_configurations.json` (e.g. 3d_fullres_torchres_tiny for CPU smoke runs).
+
+    python bench/make_model.py OUT_DIR [--plans P] [--dataset D] [--configuration C] [--folds 0 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+TF2_PLANS = BENCH / "tf2_plans.json"
+TF2_DATASET = BENCH / "tf2_dataset.json"
+TF2_CONFIGURATION = "3d_fullres_torchres_ps160x320x320_bs2"
+TRAINER = "nnUNetTrainer_onlyMirror01_1500ep"  # in nnunetv2 itself, so nnUNetPredictor resolves it
+MIRROR_AXES = (0, 1)
+
+
+def plans_with(plans_path: Path, configuration: str) -> dict:
+    """The plans, with `configuration` added from resources/plans_configurations.json when they lack it."""
+    plans = json.loads(Path(plans_path).read_text())
+    if configuration not in plans["configurations"]:
+        extra = json.loads((REPO / "resources" / "plans_configurations.json").read_text())["configurations"]
+        if configuration not in extra:
+            raise ValueError(f"configuration {configuration!r} is neither in {plans_path} nor in "
+                             f"resources/plans_configurations.json")
+        plans["configurations"][configuration] = extra[configuration]
+    return plans
+
+
+def build_network(plans: dict, dataset: dict, configuration: str) -> torch.nn.Module:
+    """The configuration's network as nnU-Net builds it (He initialisation, no deep supervision)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                  cm.network_arch_init_kwargs_req_import,
+                                  determine_num_input_channels(pm, cm, dataset),
+                                  pm.get_label_manager(dataset).num_segmentation_heads,
+                                  allow_init=True, deep_supervision=False)
+
+
+def make_model_folder(out: Path, plans_path: Path = TF2_PLANS, dataset_path: Path = TF2_DATASET,
+                      configuration: str = TF2_CONFIGURATION, folds: tuple[int, ...] = (0, 1),
+                      seed: int = 0) -> Path:
+    """Write a model folder with one randomly initialised network per fold (seeded, so reruns are identical)."""
+    out = Path(out)
+    plans = plans_with(plans_path, configuration)
+    dataset = json.loads(Path(dataset_path).read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plans.json").write_text(json.dumps(plans, indent=1))
+    (out / "dataset.json").write_text(json.dumps(dataset, indent=1))
+    for fold in folds:
+        torch.manual_seed(seed + fold)  # distinct folds, so the ensemble average is a real average
+        net = build_network(plans, dataset, configuration)
+        ckpt = {"network_weights": net.state_dict(), "init_args": {"configuration": configuration, "fold": fold},
+                "trainer_name": TRAINER, "inference_allowed_mirroring_axes": MIRROR_AXES, "current_epoch": 0}
+        path = out / f"fold_{fold}" / "checkpoint_final.pth"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    (out / "provenance.json").write_text(json.dumps({"weights": "random (bench/make_model.py)", "seed": seed,
+                                                     "configuration": configuration, "trainer": TRAINER}, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path, help="model folder to write")
+    p.add_argument("--plans", type=Path, default=TF2_PLANS)
+    p.add_argument("--dataset", type=Path, default=TF2_DATASET)
+    p.add_argument("--configuration", default=TF2_CONFIGURATION)
+    p.add_argument("--folds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    out = make_model_folder(a.out, a.plans, a.dataset, a.configuration, tuple(a.folds), a.seed)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
