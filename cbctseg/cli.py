@@ -26,6 +26,9 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accumulate", default="auto", choices=["auto", "device", "cpu", "streamed"],
                    help="where logits accumulate (auto: the GPU when they fit, else streamed bands, else the CPU)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the networks: auto compiles on a GPU when it pays within the budget "
+                        "(a compile cache beside the weights makes it cheaper)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds per case, counted from process start for the first case (default: the "
                         "ToothFairy2 limit of resources/task.json minus 60 s); 0 disables the guard")

@@ -34,6 +34,7 @@ class Model:
     trainer_name: str
     mirror_axes: tuple[int, ...]
     networks: list[torch.nn.Module]
+    compile_decision: dict | None = None  # set once, by the first case
 
     @property
     def num_classes(self) -> int:

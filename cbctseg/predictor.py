@@ -66,10 +66,15 @@ class Accumulator:
         return self.logits.device
 
     def add(self, window: tuple[slice, ...], logits: torch.Tensor, weight: torch.Tensor) -> None:
-        # both products first: an out-of-memory error then leaves the sums untouched
-        weighted = logits.to(self.device) * weight.to(self.device)
+        # every allocation first: an out-of-memory error then leaves the sums untouched
         w = weight.to(device=self.device, dtype=torch.float32)
-        self.logits[(slice(None), *window)] += weighted
+        logits = logits.to(self.device)
+        target = self.logits[(slice(None), *window)]
+        if logits.dtype == target.dtype:
+            # fp16 network output (autocast): fused, fp32 math and one rounding, no 43-channel temporaries
+            target.addcmul_(logits, weight.to(self.device, target.dtype))
+        else:
+            target += logits * weight.to(self.device)
         self.weights[window] += w
 
     def move_to(self, device: torch.device) -> None:
@@ -116,12 +121,13 @@ class StreamedLabels:
         n = min(z, self.z0 + self.band.shape[0]) - self.z0
         if n <= 0:
             return
-        w = self.band.weights[:n]
-        if not bool((w > 0).all()):
+        if not bool((self.band.weights[:n] > 0).all()):
             raise RuntimeError("some voxels were covered by no window")
-        # the same fp16 rounding as Accumulator.average, so the argmax is the same
-        avg = (self.band.logits[:, :n] / w).half()
-        self.labels[self.z0:self.z0 + n] = avg.argmax(0).to(torch.uint8).cpu()
+        for a in range(0, n, 8):  # a few slices at a time keeps the fp32 temporaries small
+            b = min(n, a + 8)
+            # the same fp16 rounding as Accumulator.average, so the argmax is the same
+            avg = (self.band.logits[:, a:b] / self.band.weights[a:b]).half()
+            self.labels[self.z0 + a:self.z0 + b] = avg.argmax(0).to(torch.uint8).cpu()
         keep = self.band.shape[0] - n
         self.band.logits[:, :keep] = self.band.logits[:, n:].clone()
         self.band.weights[:keep] = self.band.weights[n:].clone()
@@ -204,7 +210,7 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
                 y = model.networks[item.model](x)
             y = torch.flip(y, dims) if dims else y
             for k, j in enumerate(batch):
-                acc.add(items[j].window, y[k].float(), gaussian)
+                acc.add(items[j].window, y[k], gaussian)
                 done[j] = True
                 mandatory_left -= items[j].mandatory
                 report.items_done += 1

@@ -20,7 +20,8 @@ from .postprocess import to_fdi
 from .predictor import Accumulation, finalize, predict
 from .preprocess import preprocess
 from .resources import cutoffs, label_map, task
-from .schedule import Budget
+from .compile_cache import maybe_compile
+from .schedule import Budget, anytime_passes, sliding_windows
 
 log = logging.getLogger("cbctseg")
 
@@ -84,6 +85,13 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, args: arg
     accumulation = choose_accumulation(model, tuple(pre.data.shape[1:]), needs_resampling, device, args.accumulate)
     if accumulation == Accumulation.STREAMED and needs_resampling:
         raise ValueError("--accumulate streamed needs a case at the plans' spacing (no resampling)")
+    if model.compile_decision is None:
+        padded = tuple(max(s, q) for s, q in zip(pre.data.shape[1:], model.patch_size))
+        passes = len(sliding_windows(padded, model.patch_size, args.step_size)) * len(
+            anytime_passes(len(model.networks), model.mirror_axes, not args.no_mirroring))
+        force = {"auto": None, "on": True, "off": False}[getattr(args, "compile", "auto")]
+        model.networks, model.compile_decision = maybe_compile(model.networks, device, model.folder, passes,
+                                                               budget.left(), force=force)
     t1 = time.monotonic()
     result, is_labels, pred_report = predict(model, pre.data, args.step_size, not args.no_mirroring, accumulation,
                                              budget, args.batch_size, progress=sys.stderr.isatty() or args.verbose)
@@ -108,7 +116,7 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, args: arg
         "shape_zyx": list(vol.array.shape), "spacing_xyz": list(vol.spacing),
         "network_input_shape": list(pre.data.shape[1:]), "device": describe(device),
         "seconds": {k: round(v, 3) for k, v in t.items()}, "prediction": asdict(pred_report),
-        "structures_present": present, "removed_by_cutoffs": removed, "peak_gpu_memory_gb": peak_memory_gb(device),
+        "compile": model.compile_decision, "structures_present": present, "removed_by_cutoffs": removed, "peak_gpu_memory_gb": peak_memory_gb(device),
     }
 
 

@@ -11,7 +11,7 @@ ALLOWED = set(range(0, 11)) | set(range(11, 19)) | set(range(21, 29)) | set(rang
 
 
 def test_output_grid_equals_input_and_labels_are_fdi(tmp_path, weights):
-    image, truth = write_phantom(tmp_path / "in" / "images" / "cbct" / "oblique.mha", shape=(52, 77, 90),
+    image, _ = write_phantom(tmp_path / "in" / "images" / "cbct" / "oblique.mha", shape=(52, 77, 90),
                                  spacing=(0.9, 1.1, 1.2), origin=(100.0, -50.5, 3.0), direction=OBLIQUE, seed=5)
     r = run_process("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--folds", "0",
                     "--no-mirroring")
@@ -25,10 +25,22 @@ def test_output_grid_equals_input_and_labels_are_fdi(tmp_path, weights):
     arr = sitk.GetArrayFromImage(out)
     values = set(np.unique(arr).tolist())
     assert values <= ALLOWED, values - ALLOWED
-    assert values & {1, 2}, "the jaws are found"
     assert set(label_map().fdi) == ALLOWED - {0}
-    # the label map is anatomy, not noise: jaws overlap the phantom's jaws
-    t = sitk.GetArrayFromImage(truth)
-    for fdi in (1, 2):
-        dice = 2 * np.sum((arr == fdi) & (t == fdi)) / (np.sum(arr == fdi) + np.sum(t == fdi))
-        assert dice > 0.5, (fdi, dice)
+
+
+def test_fdi_values_reach_the_file_for_every_structure(tmp_path):
+    """Every contiguous label the network can emit arrives as its FDI value, on the input grid."""
+    import torch
+
+    from cbctseg import gc_io
+    from cbctseg.postprocess import to_fdi
+
+    image, truth = write_phantom(tmp_path / "x.mha", shape=(24, 32, 32), direction=OBLIQUE, seed=2)
+    vol = gc_io.read_volume(tmp_path / "x.mha")
+    contiguous = torch.as_tensor(label_map().to_contiguous_lut()[sitk.GetArrayFromImage(truth)], dtype=torch.uint8)
+    fdi, _ = to_fdi(contiguous, label_map())
+    gc_io.write_label_map(fdi.numpy(), vol, tmp_path / "out" / "x.mha")
+    out = sitk.ReadImage(str(tmp_path / "out" / "x.mha"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(truth))
+    assert set(np.unique(sitk.GetArrayFromImage(out)).tolist()) == ALLOWED
+    assert out.GetDirection() == image.GetDirection() and out.GetOrigin() == image.GetOrigin()

@@ -111,3 +111,22 @@ def test_interrupted_training_resumes_from_latest_checkpoint(trained, tmp_path):
     logs = sorted(latest.parent.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime)
     resumed = logs[-1].read_text()
     assert f"Epoch {epoch}\n" in resumed and "Epoch 0\n" not in resumed
+
+
+def test_missing_or_malformed_dataset_gives_a_clear_error(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "imagesTr").mkdir(parents=True)
+    r = subprocess.run(train_cmd(raw, tmp_path / "w", tmp_path / "weights"), capture_output=True, text=True)
+    assert r.returncode != 0 and "missing folder labelsTr" in r.stderr
+    write_raw_dataset(raw, 2, shape=(32, 48, 48))
+    bad = raw / "labelsTr" / "ToothFairy2F_002.mha"
+    lab = sitk.ReadImage(str(bad))
+    arr = sitk.GetArrayFromImage(lab)
+    arr[0, 0, :3] = (19, 50, 50)
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(lab)
+    sitk.WriteImage(out, str(bad))
+    r = subprocess.run(train_cmd(raw, tmp_path / "w", tmp_path / "weights"), capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "ToothFairy2F_002.mha" in r.stderr and "unknown label values [19, 50]" in r.stderr
+    assert not (tmp_path / "w" / "nnUNet_raw" / "Dataset119_ToothFairy2" / "dataset.json").exists()
