@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,7 +111,8 @@ def test_interrupted_training_resumes_from_latest_checkpoint(trained, tmp_path):
     assert torch.load(latest.parent / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 3
     logs = sorted(latest.parent.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime)
     resumed = logs[-1].read_text()
-    assert f"Epoch {epoch}\n" in resumed and "Epoch 0\n" not in resumed
+    # nnU-Net logs "<time>: Epoch N " per epoch: the resumed run starts at the saved epoch, not at 0
+    assert re.search(rf": Epoch {epoch}\s*$", resumed, re.M) and not re.search(r": Epoch 0\s*$", resumed, re.M)
 
 
 def test_missing_or_malformed_dataset_gives_a_clear_error(tmp_path):
