@@ -9,7 +9,7 @@ from pathlib import Path
 
 log = logging.getLogger("cbctseg")
 
-SUBCOMMANDS = ("predict", "train", "phantom", "evaluate", "cutoffs")
+SUBCOMMANDS = ("predict", "train", "phantom", "evaluate", "cutoffs", "export-triton", "cohort")
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -36,6 +36,9 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
                    help="also write a PNG per case (axial, coronal, sagittal slices with the labels) to this folder")
     p.add_argument("--report", type=Path, default=None,
                    help="write the per-case JSON reports to this file (default: stderr only)")
+    from .triton_backend import add_backend_arguments
+
+    add_backend_arguments(p)
 
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
@@ -92,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _evaluate_parser(sub.add_parser("evaluate", help="Dice and HD95 per structure, as the challenge scores them"))
     _cutoffs_parser(sub.add_parser("cutoffs", help="per-class volume cutoffs from cross-validation predictions"))
+    from . import cohort, triton_export
+
+    triton_export.add_arguments(sub.add_parser(
+        "export-triton", help="model folder -> Triton model repository (ONNX or TorchScript), checked"))
+    cohort.add_arguments(sub.add_parser("cohort", help="many cases, K in flight, resumable (local or Triton)"))
     return parser
 
 
@@ -169,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(["predict", *argv])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import cohort, triton_export
+
     commands = {"predict": cmd_predict, "train": cmd_train, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
-                "cutoffs": cmd_cutoffs}
+                "cutoffs": cmd_cutoffs, "export-triton": triton_export.run_from_args, "cohort": cohort.run_from_args}
     return commands[args.command](args)

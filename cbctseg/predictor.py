@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -149,6 +150,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _window_batch(padded: torch.Tensor, items: list[WorkItem], batch: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """The network input for a batch of items: their windows, stacked and flipped."""
+    dims = [a + 2 for a in items[batch[0]].flip]
+    x = torch.stack([padded[(slice(None), *items[j].window)] for j in batch])
+    return torch.flip(x, dims) if dims else x.contiguous()
+
+
+def _next_batches(items: list[WorkItem], i: int, batch_size: int, n: int) -> list[tuple[int, ...]]:
+    """Up to n batches from item i, grouped as predict groups them when the budget does not intervene."""
+    batches: list[tuple[int, ...]] = []
+    while i < len(items) and len(batches) < n:
+        b = [i]
+        while (len(b) < batch_size and b[-1] + 1 < len(items) and items[b[-1] + 1].model == items[i].model
+               and items[b[-1] + 1].flip == items[i].flip):
+            b.append(b[-1] + 1)
+        batches.append(tuple(b))
+        i = b[-1] + 1
+    return batches
+
+
 def _pass_name(model: Model, item: WorkItem) -> str:
     return f"fold {model.folds[item.model]}" + (f" flip {list(item.flip)}" if item.flip else "")
 
@@ -156,8 +177,12 @@ def _pass_name(model: Model, item: WorkItem) -> str:
 @torch.inference_mode()
 def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirroring: bool = True,
             accumulation: Accumulation = Accumulation.DEVICE, budget: Budget | None = None,
-            batch_size: int = 1, progress: bool = True) -> tuple[torch.Tensor, bool, PredictionReport]:
+            batch_size: int = 1, progress: bool = True, in_flight: int = 1
+            ) -> tuple[torch.Tensor, bool, PredictionReport]:
     """Run the ensemble's sliding window over data (1, z, y, x) on its device.
+
+    in_flight > 1: networks with `submit` (Triton) get the next batches ahead of time, so that many
+    requests are on the server while this loop stitches.
 
     Returns (result, is_labels, report): averaged logits (C, z, y, x), or, when streamed, the uint8
     argmax (z, y, x) on the CPU.
@@ -183,6 +208,7 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
     bar = tqdm(total=len(items), desc="sliding window", unit="window", disable=not progress, leave=False)
     started, timed_items, skip_reason = None, 0, None
     t_first = budget.clock()
+    ahead: dict[tuple[int, ...], Future] = {}  # batches sent ahead; one the budget then skips is not used
     i = 0
     while i < len(items):
         item = items[i]
@@ -204,10 +230,19 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
             acc.finish_before(min(items[j].window[0].start for j in range(i, len(items))))
         try:
             dims = [a + 2 for a in item.flip]
-            x = torch.stack([padded[(slice(None), *items[j].window)] for j in batch])
-            x = torch.flip(x, dims) if dims else x.contiguous()
-            with _autocast(device):
-                y = model.networks[item.model](x)
+            if in_flight > 1:
+                for b in [b for b in ahead if b[0] < i]:  # skipped by the budget
+                    del ahead[b]
+                for b in _next_batches(items, i, batch_size, in_flight):
+                    net = model.networks[items[b[0]].model]
+                    if b not in ahead and hasattr(net, "submit"):
+                        ahead[b] = net.submit(_window_batch(padded, items, b))
+            sent = ahead.pop(tuple(batch), None)
+            if sent is not None:
+                y = sent.result()
+            else:
+                with _autocast(device):
+                    y = model.networks[item.model](_window_batch(padded, items, batch))
             y = torch.flip(y, dims) if dims else y
             for k, j in enumerate(batch):
                 acc.add(items[j].window, y[k], gaussian)

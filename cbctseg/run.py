@@ -22,6 +22,7 @@ from .preprocess import preprocess
 from .resources import cutoffs, label_map, task
 from .compile_cache import maybe_compile
 from .schedule import Budget, anytime_passes, sliding_windows
+from .triton_backend import TritonError, use_backend
 
 log = logging.getLogger("cbctseg")
 
@@ -94,7 +95,8 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, args: arg
                                                                budget.left(), force=force)
     t1 = time.monotonic()
     result, is_labels, pred_report = predict(model, pre.data, args.step_size, not args.no_mirroring, accumulation,
-                                             budget, args.batch_size, progress=sys.stderr.isatty() or args.verbose)
+                                             budget, args.batch_size, progress=sys.stderr.isatty() or args.verbose,
+                                             in_flight=getattr(args, "triton_in_flight", 1))
     t["sliding_window"] = time.monotonic() - t1
     t1 = time.monotonic()
     labels = finalize(result, pre, model, device, is_labels)
@@ -158,9 +160,13 @@ def predict_main(args: argparse.Namespace) -> int:
     weights = args.weights or default_model_folder(APP_DIR / "weights")
     try:
         t0 = time.monotonic()
-        model = load_model(weights, args.folds, device, expected_classes=label_map().num_classes)
+        # with Triton the local networks only stand in until replaced: keep them off the GPU
+        on_triton = getattr(args, "backend", "local") == "triton"
+        model = load_model(weights, args.folds, torch.device("cpu") if on_triton else device,
+                           expected_classes=label_map().num_classes)
+        use_backend(model, args, weights)
         log.info("model loaded in %.1f s", time.monotonic() - t0)
-    except ModelError as e:
+    except (ModelError, TritonError) as e:
         log.error("cannot load the model: %s", e)
         return 2
     budget_s = args.time_budget if args.time_budget is not None else task()["time_limit_s"] - DEFAULT_MARGIN_S
