@@ -10,15 +10,9 @@ if [[ -z "$python" ]]; then
   if [[ -x /usr/bin/python3 ]]; then python=/usr/bin/python3; else python="$(command -v python3)"; fi
 fi
 
-if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
-  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-    echo "setup: installing python3-venv" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-  else
-    echo "setup: $python cannot create virtual environments (install python3-venv)" >&2
-    exit 1
-  fi
-fi
+# shellcheck source=scripts/venv_support.sh
+source "$repo/scripts/venv_support.sh"
+ensure_venv_support "$python" setup
 
 stamp="$venv/.requirements.sha256"
 want="$(cat "$repo/requirements.txt" "$repo/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"

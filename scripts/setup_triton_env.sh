@@ -30,15 +30,9 @@ if ! "$python" -c 'import sys; sys.exit(not (3, 8) <= sys.version_info[:2] <= (3
   echo "setup-triton: $python is not Python 3.8 to 3.13 (PyTriton 0.7.0 has backend stubs for those)" >&2
   exit 1
 fi
-if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
-  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-    echo "setup-triton: installing python3-venv" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-  else
-    echo "setup-triton: $python cannot create virtual environments (install python3-venv)" >&2
-    exit 1
-  fi
-fi
+# shellcheck source=scripts/venv_support.sh
+source "$repo/scripts/venv_support.sh"
+ensure_venv_support "$python" setup-triton
 if ! "$python" -c 'import os, sys, sysconfig as s
 name = s.get_config_var("INSTSONAME") or ""
 sys.exit(not (".so" in name and os.path.exists(os.path.join(s.get_config_var("LIBDIR"), name))))'; then

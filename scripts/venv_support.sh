@@ -1,0 +1,14 @@
+# shellcheck shell=bash
+# Sourced by the setup scripts: make sure PYTHON can create virtual environments.
+# ensure_venv_support PYTHON NAME: installs Debian's python3-venv when run as root, else fails with a hint.
+ensure_venv_support() {
+  local python="$1" name="$2"
+  "$python" -c 'import ensurepip, venv' 2>/dev/null && return 0
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    echo "$name: installing python3-venv" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  else
+    echo "$name: $python cannot create virtual environments (install python3-venv)" >&2
+    exit 1
+  fi
+}
