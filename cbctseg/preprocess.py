@@ -1,7 +1,8 @@
 """Preprocessing as the plans say: transpose, crop to non-zero, normalise, resample (on the device).
 
-nnU-Net's own functions do each step; we only choose where the resampling runs and keep what the
-finalize step needs to undo them.
+With CT normalisation (the ToothFairy2 plans) every step runs on the device in torch; any other scheme goes
+through nnU-Net's own CPU functions. Both give nnU-Net's DefaultPreprocessor result (tested), and keep what
+the finalize step needs to undo them.
 """
 from __future__ import annotations
 
@@ -37,21 +38,58 @@ def _call_with_device(fn, *args, device: torch.device):
     return fn(*args)
 
 
+def nonzero_bbox(data: torch.Tensor) -> list[list[int]]:
+    """[start, stop) per spatial axis of the voxels non-zero in any channel of data (C, z, y, x).
+
+    nnU-Net's crop_to_nonzero fills holes in that mask first, which never changes its bounding box. An
+    all-zero image keeps its full extent (nnU-Net fails on one).
+    """
+    mask = (data != 0).any(0)
+    bbox = []
+    for axis in range(mask.ndim):
+        hit = torch.nonzero(mask.any(dim=[a for a in range(mask.ndim) if a != axis])).flatten()
+        bbox.append([int(hit[0]), int(hit[-1]) + 1] if hit.numel() else [0, mask.shape[axis]])
+    return bbox
+
+
+def ct_normalize_(data: torch.Tensor, properties: dict) -> torch.Tensor:
+    """nnU-Net's CTNormalization in place on a float32 tensor: clip to the 0.5/99.5 percentiles, z-score."""
+    data.clamp_(properties["percentile_00_5"], properties["percentile_99_5"])
+    return data.sub_(properties["mean"]).div_(max(properties["std"], 1e-8))
+
+
+def _on_device_ok(model: Model) -> bool:
+    return all(s == "CTNormalization" for s in model.configuration.normalization_schemes)
+
+
 def preprocess(image: np.ndarray, spacing_zyx: list[float], model: Model, device: torch.device) -> Preprocessed:
     """Turn an image array (z, y, x) with its spacing into the network's input, as nnU-Net's DefaultPreprocessor."""
     pm, cm = model.plans_manager, model.configuration
-    data = image[None].astype(np.float32, copy=True)
-    data = data.transpose([0, *[i + 1 for i in pm.transpose_forward]])
     spacing = [spacing_zyx[i] for i in pm.transpose_forward]
-    shape_before = tuple(data.shape[1:])
-    data, seg, bbox = crop_to_nonzero(data)
+    if _on_device_ok(model):
+        # the raw array crosses to the device once, in its own dtype; everything after runs there, on a copy
+        # (normalising in place must never reach the caller's array, which a CPU float32 tensor would share)
+        data = torch.from_numpy(np.ascontiguousarray(image)).to(device)[None].to(torch.float32, copy=True)
+        data = data.permute(0, *[i + 1 for i in pm.transpose_forward])
+        shape_before = tuple(data.shape[1:])
+        bbox = nonzero_bbox(data)
+        data = data[(slice(None), *(slice(a, b) for a, b in bbox))].contiguous()
+        props = pm.foreground_intensity_properties_per_channel
+        for c in range(data.shape[0]):
+            ct_normalize_(data[c], props[str(c)])
+    else:
+        arr = image[None].astype(np.float32, copy=True)
+        arr = arr.transpose([0, *[i + 1 for i in pm.transpose_forward]])
+        shape_before = tuple(arr.shape[1:])
+        arr, seg, bbox = crop_to_nonzero(arr)
+        arr = DefaultPreprocessor(verbose=False)._normalize(arr, seg, cm, pm.foreground_intensity_properties_per_channel)
+        data = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
     shape_after_crop = tuple(data.shape[1:])
     target = list(cm.spacing)
     if len(target) < len(shape_after_crop):
         target = [spacing[0], *target]
     new_shape = compute_new_shape(shape_after_crop, spacing, target)
-    data = DefaultPreprocessor(verbose=False)._normalize(data, seg, cm, pm.foreground_intensity_properties_per_channel)
-    tensor = torch.from_numpy(np.ascontiguousarray(data)).to(device)
-    tensor = _call_with_device(cm.resampling_fn_data, tensor, new_shape, spacing, target, device=device)
-    return Preprocessed(tensor.float().contiguous(), shape_before, [list(map(int, b)) for b in bbox],
+    if tuple(new_shape) != shape_after_crop:
+        data = _call_with_device(cm.resampling_fn_data, data, new_shape, spacing, target, device=device)
+    return Preprocessed(data.float().contiguous(), shape_before, [list(map(int, b)) for b in bbox],
                         shape_after_crop, spacing, target)
