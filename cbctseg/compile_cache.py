@@ -55,9 +55,14 @@ def cache_path(weights_dir: Path, device: torch.device) -> Path:
     return Path(weights_dir) / CACHE_DIR / f"{gpu}-torch{_slug(torch.__version__)}-{tag}.bin"
 
 
+_LOADED: set[Path] = set()  # caches this process has loaded: loading one again would only cost time
+
+
 def load_cache(weights_dir: Path, device: torch.device) -> bool:
     """Hot-load the cache for this GPU when there is one; False when absent or unreadable (then compiling is cold)."""
     path = cache_path(weights_dir, device)
+    if path in _LOADED:
+        return True
     if not path.is_file():
         return False
     try:
@@ -66,6 +71,8 @@ def load_cache(weights_dir: Path, device: torch.device) -> bool:
         log.warning("compile cache %s not loaded: %s", path, e)
         return False
     log.info("compile cache %s loaded (%s)", path, info)
+    if info is not None:
+        _LOADED.add(path)
     return info is not None
 
 

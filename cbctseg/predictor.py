@@ -61,25 +61,56 @@ class Accumulator:
         self.shape = shape
         self.logits = torch.zeros((num_classes, *shape), dtype=torch.half, device=device)
         self.weights = torch.zeros(shape, dtype=torch.float32, device=device)
+        self._w: tuple[torch.Tensor, ...] | None = None
 
     @property
     def device(self) -> torch.device:
         return self.logits.device
 
-    def add(self, window: tuple[slice, ...], logits: torch.Tensor, weight: torch.Tensor) -> None:
-        # every allocation first: an out-of-memory error then leaves the sums untouched
-        w = weight.to(device=self.device, dtype=torch.float32)
-        logits = logits.to(self.device)
-        target = self.logits[(slice(None), *window)]
-        if logits.dtype == target.dtype:
-            # fp16 network output (autocast): fused, fp32 math and one rounding, no 43-channel temporaries
-            target.addcmul_(logits, weight.to(self.device, target.dtype))
+    def add(self, window: tuple[slice, ...], logits: torch.Tensor, weight: torch.Tensor,
+            flip: tuple[int, ...] | list[int] = (), channels_per_chunk: int = 8) -> None:
+        """Add weight * logits (C, *window shape) at window; `flip`: logits are still flipped along these axes.
+
+        Flipping back and weighting go by channel chunks: no full-size temporary of the window's logits.
+        """
+        w16, w32 = self._weight(weight)
+        dims = [a + 1 for a in flip]
+        for c0 in range(0, logits.shape[0], channels_per_chunk):
+            try:
+                self._add_channels(window, logits, c0, c0 + channels_per_chunk, dims, w16, w32)
+            except RuntimeError as e:
+                if not _is_oom(e):
+                    raise
+                # earlier chunks are already in the sums: finish this one a channel at a time, never redo it
+                del e
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                try:
+                    for c in range(c0, min(c0 + channels_per_chunk, logits.shape[0])):
+                        self._add_channels(window, logits, c, c + 1, dims, w16, w32)
+                except RuntimeError:
+                    # not an "out of memory" error: retrying this item would add its first chunks twice
+                    raise RuntimeError("device memory exhausted while adding a window to the sums") from None
+        self.weights[window] += w32
+
+    def _add_channels(self, window, logits, c0: int, c1: int, dims: list[int], w16, w32) -> None:
+        chunk = logits[c0:c1].to(self.device)
+        chunk = torch.flip(chunk, dims) if dims else chunk
+        target = self.logits[(slice(c0, c1), *window)]
+        if chunk.dtype == target.dtype:
+            # fp16 network output (autocast): fused, fp32 math and one rounding
+            target.addcmul_(chunk, w16)
         else:
-            target += logits * weight.to(self.device)
-        self.weights[window] += w
+            target += chunk * w32
+
+    def _weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window weight in the sums' dtypes on their device, converted once per weight tensor."""
+        if self._w is None or self._w[0] is not weight:
+            self._w = (weight, weight.to(self.device, self.logits.dtype), weight.to(self.device, torch.float32))
+        return self._w[1], self._w[2]
 
     def move_to(self, device: torch.device) -> None:
-        self.logits, self.weights = self.logits.to(device), self.weights.to(device)
+        self.logits, self.weights, self._w = self.logits.to(device), self.weights.to(device), None
 
     def average(self) -> torch.Tensor:
         """Logit sum divided by weight sum, in place (the accumulator is spent afterwards)."""
@@ -110,12 +141,13 @@ class StreamedLabels:
         bigger.weights[:held] = self.band.weights
         self.band = bigger
 
-    def add(self, window: tuple[slice, ...], logits: torch.Tensor, weight: torch.Tensor) -> None:
+    def add(self, window: tuple[slice, ...], logits: torch.Tensor, weight: torch.Tensor,
+            flip: tuple[int, ...] | list[int] = ()) -> None:
         if window[0].start < self.z0:
             raise RuntimeError("streamed accumulation needs windows in slice order")
         self._ensure(window[0].stop)
         local = (slice(window[0].start - self.z0, window[0].stop - self.z0), *window[1:])
-        self.band.add(local, logits, weight)
+        self.band.add(local, logits, weight, flip)
 
     def finish_before(self, z: int) -> None:
         """Every slice before z is final: argmax it to the CPU and drop it from the band."""
@@ -177,9 +209,11 @@ def _pass_name(model: Model, item: WorkItem) -> str:
 @torch.inference_mode()
 def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirroring: bool = True,
             accumulation: Accumulation = Accumulation.DEVICE, budget: Budget | None = None,
-            batch_size: int = 1, progress: bool = True, in_flight: int = 1
+            batch_size: int = 1, progress: bool = True, in_flight: int = 1, sync_every: int = 8
             ) -> tuple[torch.Tensor, bool, PredictionReport]:
     """Run the ensemble's sliding window over data (1, z, y, x) on its device.
+
+    sync_every: items between waits for the device (each wait times the work so far, for the budget).
 
     in_flight > 1: networks with `submit` (Triton) get the next batches ahead of time, so that many
     requests are on the server while this loop stitches.
@@ -206,14 +240,16 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
     done = [False] * len(items)
     mandatory_left = sum(1 for it in items if it.mandatory)
     bar = tqdm(total=len(items), desc="sliding window", unit="window", disable=not progress, leave=False)
-    started, timed_items, skip_reason = None, 0, None
+    started, timed_items, skip_reason, since_sync = None, 0, None, 0
     t_first = budget.clock()
     ahead: dict[tuple[int, ...], Future] = {}  # batches sent ahead; one the budget then skips is not used
     i = 0
     while i < len(items):
         item = items[i]
         if not item.mandatory and report.seconds_per_item is not None:
-            need = report.seconds_per_item * (1 + mandatory_left)
+            # items queued on a GPU since the last wait are not on the clock yet (a CPU runs them in line)
+            queued = since_sync if device.type == "cuda" else 0
+            need = report.seconds_per_item * (1 + mandatory_left + queued)
             if not budget.allows(need):
                 skip_reason = (f"time budget: {budget.left():.1f} s left, {mandatory_left} required windows and this "
                                f"one need {need:.1f} s")
@@ -229,7 +265,6 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
         if streamed:
             acc.finish_before(min(items[j].window[0].start for j in range(i, len(items))))
         try:
-            dims = [a + 2 for a in item.flip]
             if in_flight > 1:
                 for b in [b for b in ahead if b[0] < i]:  # skipped by the budget
                     del ahead[b]
@@ -243,13 +278,13 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
             else:
                 with _autocast(device):
                     y = model.networks[item.model](_window_batch(padded, items, batch))
-            y = torch.flip(y, dims) if dims else y
             for k, j in enumerate(batch):
-                acc.add(items[j].window, y[k], gaussian)
+                acc.add(items[j].window, y[k], gaussian, item.flip)
                 done[j] = True
                 mandatory_left -= items[j].mandatory
                 report.items_done += 1
                 bar.update()
+            del y  # before the next forward pass, which would otherwise hold two outputs
         except RuntimeError as e:
             if not _is_oom(e):
                 raise
@@ -258,17 +293,21 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
             if report.batch_size > 1:
                 report.batch_size = batch_size = max(1, batch_size // 2)
             continue  # the same item again; finished items stay in the sums
-        _sync(device)
-        now = budget.clock()
-        if started is None:
-            # the first batch pays for warm-up: a pessimistic estimate until later batches are timed
-            report.seconds_per_item = (now - t_first) / len(batch)
-            started = now
-        else:
-            timed_items += len(batch)
-            report.seconds_per_item = (now - started) / timed_items
-            if report.projected_total_s is None:
-                report.projected_total_s = round(report.seconds_per_item * len(items), 1)
+        since_sync += len(batch)
+        if started is None or since_sync >= sync_every or batch[-1] + 1 == len(items):
+            # the GPU runs ahead of this loop; waiting for it only now and then keeps it busy between passes
+            _sync(device)
+            now = budget.clock()
+            if started is None:
+                # the first batch pays for warm-up: a pessimistic estimate until later batches are timed
+                report.seconds_per_item = (now - t_first) / len(batch)
+                started = now
+            else:
+                timed_items += since_sync
+                report.seconds_per_item = (now - started) / timed_items
+                if report.projected_total_s is None:
+                    report.projected_total_s = round(report.seconds_per_item * len(items), 1)
+            since_sync = 0
         i = batch[-1] + 1
     bar.close()
     passes: dict[tuple, list[int]] = {}
