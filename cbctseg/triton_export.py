@@ -121,7 +121,8 @@ def check_export(path: Path, fmt: str, net: torch.nn.Module, patch: tuple[int, .
     err = (got - ref).abs()
     worst = float((err / (ATOL + RTOL * ref.abs())).max())
     agreement = float((got.argmax(1) == ref.argmax(1)).float().mean())
-    result = {"max_abs_error": round(float(err.max()), 5), "argmax_agreement": round(agreement, 6)}
+    result = {"max_abs_error": round(float(err.max()), 5), "worst_vs_tolerance": round(worst, 3),
+              "argmax_agreement": round(agreement, 6)}
     if worst > 1 or agreement < MIN_ARGMAX_AGREEMENT:
         raise ExportError(f"{path}: exported logits differ from PyTorch beyond fp16 tolerance ({result})")
     return result

@@ -130,7 +130,9 @@ def test_export_writes_a_checked_triton_repository(repository, weights):
         assert (outp.name, outp.data_type, list(outp.dims)) == ("logits", mc.TYPE_FP16,
                                                                 [model.num_classes, *model.patch_size])
         assert cfg.parameters[HASH_PARAM].string_value == weights_hash(weights, fold)
-        assert summary[name]["check"]["max_abs_error"] < 0.05
+        # fp16 rounding grows with the logits' size: within 2e-2 + 5e-3 |logit| everywhere (the export's check)
+        check = summary[name]["check"]
+        assert check["worst_vs_tolerance"] <= 1 and check["argmax_agreement"] >= 0.99
     assert weights_hash(weights, "0") != weights_hash(weights, "1")
     assert not list(out.glob(".*partial"))
 
