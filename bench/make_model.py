@@ -69,8 +69,9 @@ def fit_network(net: torch.nn.Module, plans: dict, configuration: str, steps: in
     from cbctseg.resources import label_map
 
     cfg = plans["configurations"][configuration]
-    patch = tuple(plans["configurations"][configuration]["patch_size"])
-    spacing = plans["configurations"].get(cfg.get("inherits_from", ""), {}).get("spacing") or cfg.get("spacing")
+    patch = tuple(cfg["patch_size"])
+    # a configuration's own spacing first, else the one it inherits (the ToothFairy2 one inherits 3d_fullres's)
+    spacing = cfg.get("spacing") or plans["configurations"][cfg["inherits_from"]]["spacing"]
     shape = tuple(int(p * 1.1) for p in patch)
     image, fdi = make_phantom_arrays(PhantomSpec(shape=shape, spacing=tuple(spacing[::-1]), seed=seed))
     x_all = ct_normalize_(torch.from_numpy(image.astype(np.float32)), plans["foreground_intensity_properties_per_channel"]["0"])
