@@ -492,13 +492,12 @@ def run_bench(args) -> dict:
         t0 = time.perf_counter()
         weights = make_model_folder(tmp / "model", args.plans, args.dataset, args.configuration,
                                     tuple(int(f) for f in args.folds), fit_steps=args.fit_steps, device=device)
-        print(f"model folder {weights} (random weights, fitted {args.fit_steps} steps; "
-              f"{time.perf_counter() - t0:.1f} s)", flush=True)
+        print(f"model folder {weights} ({time.perf_counter() - t0:.1f} s)", flush=True)
     env = environment(device)
     result = {"schema": 1, "date": dt.datetime.now().isoformat(timespec="seconds"), "environment": env,
               "complete": False,
-              "settings": {"weights": (f"random, fitted {args.fit_steps} steps to a phantom" if args.fit_steps
-                                       else "random") if args.weights is None else str(args.weights),
+              "settings": {"weights": json.loads((weights / "provenance.json").read_text())["weights"]
+                           if args.weights is None else str(args.weights),
                            "configuration": args.configuration if args.weights is None else None,
                            "folds": args.folds, "step": args.step, "mirroring": "from the checkpoints",
                            "repeats": args.repeats, "compile": args.compile, "batch_size": args.batch_size,

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 BENCH = Path(__file__).resolve().parent
@@ -58,11 +60,7 @@ def fit_network(net: torch.nn.Module, plans: dict, configuration: str, steps: in
     A random network's 43 logits are nearly tied everywhere, which makes any two engines' rounding disagree on
     about 1 % of voxels; a short fit makes them decisive where the phantom's anatomy is clear. Returns the losses.
     """
-    import numpy as np
-
-    import sys
-
-    if str(REPO) not in sys.path:
+    if str(REPO) not in sys.path:  # run as a script, the engine's package is beside bench/
         sys.path.insert(0, str(REPO))
     from cbctseg.phantom import PhantomSpec, make_phantom_arrays
     from cbctseg.preprocess import ct_normalize_
@@ -121,7 +119,7 @@ def make_model_folder(out: Path, plans_path: Path = TF2_PLANS, dataset_path: Pat
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
     what = f"random, fitted {fit_steps} steps to a phantom" if fit_steps else "random"
-    (out / "provenance.json").write_text(json.dumps({"weights": f"{what} (bench/make_model.py)", "seed": seed,
+    (out / "provenance.json").write_text(json.dumps({"weights": what, "made_by": "bench/make_model.py", "seed": seed,
                                                      "configuration": configuration, "trainer": TRAINER}, indent=1))
     return out
 

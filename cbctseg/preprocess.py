@@ -89,7 +89,6 @@ def preprocess(image: np.ndarray, spacing_zyx: list[float], model: Model, device
     if len(target) < len(shape_after_crop):
         target = [spacing[0], *target]
     new_shape = compute_new_shape(shape_after_crop, spacing, target)
-    if tuple(new_shape) != shape_after_crop:
-        data = _call_with_device(cm.resampling_fn_data, data, new_shape, spacing, target, device=device)
+    data = _call_with_device(cm.resampling_fn_data, data, new_shape, spacing, target, device=device)
     return Preprocessed(data.float().contiguous(), shape_before, [list(map(int, b)) for b in bbox],
                         shape_after_crop, spacing, target)
