@@ -6,6 +6,7 @@ process cold start to the first forward pass. Each number is the median of --rep
 warm-up run. Results go to bench/results/<date>-<gpu>.json and the table in bench/README.md.
 
     python bench/bench.py                                  # GPU: ToothFairy2 network, random weights
+    python bench/bench.py --compile aot                    # our networks from an AOT package built first
     python bench/bench.py --device cpu --configuration 3d_fullres_torchres_tiny --shapes 48x80x80 --out /tmp/b
     python bench/bench.py table                            # only rebuild the README table from results/
 """
@@ -259,14 +260,15 @@ def cold_start(engine: str, weights: Path, args, passes: int, tmp: Path, compile
     return {**median_of(runs), "runs": runs, "compile": children[-1]}
 
 
-def make_compile_cache(weights: Path, args, tmp: Path) -> dict:
-    """`python -m cbctseg.compile_cache` in a fresh process (cold compile): the cache the engine ships with."""
+def make_compile_cache(weights: Path, args, tmp: Path, aot: bool = False) -> dict:
+    """`python -m cbctseg.compile_cache [--aot]` in a fresh process (cold compile): the portable cache, or the AOT
+    package, that the engine ships with."""
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "cbctseg.compile_cache", "--weights", str(weights), "--device",
-                        args.device, "--batch-size", str(args.batch_size)], capture_output=True, text=True,
-                       cwd=REPO, env=child_env(tmp, "make-cache"))
+                        args.device, "--batch-size", str(args.batch_size), *(["--aot"] if aot else [])],
+                       capture_output=True, text=True, cwd=REPO, env=child_env(tmp, "make-cache"))
     if r.returncode != 0:
-        raise RuntimeError(f"making the compile cache failed:\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"making the {'AOT package' if aot else 'compile cache'} failed:\n{r.stderr[-3000:]}")
     return {"process_s": round(time.time() - t0, 2), "output": r.stdout.strip().splitlines()[-1:]}
 
 
@@ -290,15 +292,20 @@ def bench_shape(shape, image: np.ndarray, ours, nnunet, weights: Path, device: t
                 net.to(device)
             decision = None
             if args.compile != "off":
-                force = True if args.compile == "on" else None
+                # aot: the package the run built beside the weights (used whenever present)
+                force = None if args.compile == "auto" else True
                 nets, decision = maybe_compile(ours["eager"], device, weights, passes, BUDGET_S, force=force)
-                if decision["compile"]:
+                if args.compile == "aot" and decision.get("kind") != "aot":
+                    raise RuntimeError(f"--compile aot, but the package was not used: {decision}")
+                if decision["compile"] and decision.get("kind") != "aot":
                     # one compiled wrapper per network for the whole run: a new wrapper per shape would compile
                     # again inside the timed run of a shape that gets no warm-up of its own
                     nets = ours.setdefault("compiled", nets)
                 model.networks = nets
             run = lambda m=model: run_ours(m, image, spacing, device, args)  # noqa: E731
         else:
+            # package runners hold the parameters they were bound to: drop them, or the GPU keeps our weights
+            ours["model"].networks = ours["eager"]
             for net in ours["eager"]:
                 net.to("cpu")
             run = lambda: run_nnunet(nnunet["predictor"], image, spacing, device)  # noqa: E731
@@ -505,7 +512,10 @@ def run_bench(args) -> dict:
               "cold_start": {}, "cases": []}
     print(f"environment: {json.dumps(env)}", flush=True)
     # cold starts first, before this process holds GPU memory of its own
-    if args.compile != "off" and device.type == "cuda" and not args.no_cache:
+    if args.compile == "aot":
+        result["aot_package"] = make_compile_cache(weights, args, tmp, aot=True)
+        print(f"AOT package: {result['aot_package']}", flush=True)
+    elif args.compile != "off" and device.type == "cuda" and not args.no_cache:
         result["compile_cache"] = make_compile_cache(weights, args, tmp)
         print(f"compile cache: {result['compile_cache']}", flush=True)
     if args.cold_repeats > 0:
@@ -574,8 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     p.add_argument("--cold-repeats", type=int, default=None,
                    help="cold-start processes per engine (default: --repeats)")
-    p.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "auto"],
-                   help="torch.compile our networks: on, or auto (cbctseg.compile_cache's rule)")
+    p.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "auto", "aot"],
+                   help="compile our networks: torch.compile (on), cbctseg.compile_cache's rule (auto), or an AOT "
+                        "package built first by `python -m cbctseg.compile_cache --aot` (aot)")
     p.add_argument("--no-cache", action="store_true",
                    help="with --compile: do not make the portable compile cache first")
     p.add_argument("--batch-size", type=int, default=1, help="our engine's windows per forward pass")

@@ -3,7 +3,7 @@
 Prints one JSON line whose `wall_at_first_forward` (time.time()) the parent subtracts from the moment it
 spawned this process. Imports happen inside main() so they are part of what is measured.
 
-    python bench/first_forward.py {ours,nnunet} WEIGHTS --device cuda [--compile off|on|auto] [--passes N]
+    python bench/first_forward.py {ours,nnunet} WEIGHTS --device cuda [--compile off|on|auto|aot] [--passes N]
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def main() -> int:
     p.add_argument("weights", type=Path)
     p.add_argument("--device", default="cuda")
     p.add_argument("--folds", nargs="+", default=["0", "1"])
-    p.add_argument("--compile", default="off", choices=["off", "on", "auto"])
+    p.add_argument("--compile", default="off", choices=["off", "on", "auto", "aot"],
+                   help="aot: the AOT package beside the weights (on would use it too, when it is there)")
     p.add_argument("--passes", type=int, default=216, help="passes the case would need (for --compile auto)")
     p.add_argument("--budget", type=float, default=540.0)
     a = p.parse_args()
@@ -43,7 +44,7 @@ def main() -> int:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         model = load_model(a.weights, a.folds, device)
-        force = {"on": True, "off": False, "auto": None}[a.compile]
+        force = {"on": True, "off": False, "auto": None, "aot": True}[a.compile]
         networks, out["compile"] = maybe_compile(model.networks, device, a.weights, a.passes, a.budget, force=force)
         net, patch = networks[0], model.patch_size
     else:

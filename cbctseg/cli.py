@@ -27,8 +27,10 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
                    help="where logits accumulate (auto: the GPU when they fit, else streamed bands, else the CPU)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the networks: auto compiles on a GPU when it pays within the budget "
-                        "(a compile cache beside the weights makes it cheaper)")
+                   help="compiled networks: an AOT package beside the weights for this device is used unless "
+                        "'off'; else auto runs torch.compile on a GPU when it pays within the budget (a compile "
+                        "cache beside the weights makes it cheaper). Make either with python -m "
+                        "cbctseg.compile_cache [--aot]")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds per case, counted from process start for the first case (default: the "
                         "ToothFairy2 limit of resources/task.json minus 60 s); 0 disables the guard")

@@ -2,23 +2,26 @@
 
 Compiling costs a warm-up (about 45 s cold, 17 s with the cache loaded, on an H100) and halves the time of
 a forward pass (0.131 s -> 0.065 s for the ToothFairy2 network; bench/ANCHORS). It pays when the case has
-enough passes to win that time back, and never on the CPU.
+enough passes to win that time back, and never on the CPU. An AOT package (cbctseg.aot_package) beside the
+weights skips the warm-up altogether, and is used on any device it was built for.
 
-    python -m cbctseg.compile_cache [--weights DIR] [--device cuda]   # compile, warm up, save the cache
+    python -m cbctseg.compile_cache [--weights DIR] [--device cuda]         # compile, warm up, save the cache
+    python -m cbctseg.compile_cache --aot [--weights DIR] [--device cuda]   # build an AOT package
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import aot_package
+from .device import device_tag, plans_tag, slug
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +38,13 @@ class Costs:
     cached_compile_s: float = 17.0  # 7.8 s loading the cache + 9.3 s first pass
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
-
-
 def cache_path(weights_dir: Path, device: torch.device) -> Path:
     """Where this GPU and torch build's cache lives: <weights>/compile_cache/<gpu>-torch<ver>-<plans>.bin.
 
     The plans' hash is in the name because the compiled graph depends on the architecture and patch size.
     """
-    device = torch.device(device)
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        gpu = f"{_slug(props.name)}-sm{props.major}{props.minor}"
-    else:
-        gpu = device.type
-    plans = Path(weights_dir) / "plans.json"
-    tag = hashlib.sha256(plans.read_bytes()).hexdigest()[:8] if plans.is_file() else "noplans"
-    return Path(weights_dir) / CACHE_DIR / f"{gpu}-torch{_slug(torch.__version__)}-{tag}.bin"
+    name = f"{device_tag(device, cpu_isa=False)}-torch{slug(torch.__version__)}-{plans_tag(weights_dir)}.bin"
+    return Path(weights_dir) / CACHE_DIR / name
 
 
 _LOADED: set[Path] = set()  # caches this process has loaded: loading one again would only cost time
@@ -120,14 +112,24 @@ def decide(device_type: str, expected_passes: int, budget_s: float | None, cache
 
 def maybe_compile(networks: list[torch.nn.Module], device: torch.device, weights_dir: Path, expected_passes: int,
                   budget_s: float | None, eager_s_per_pass: float | None = None, force: bool | None = None,
-                  costs: Costs = Costs()) -> tuple[list[torch.nn.Module], dict]:
-    """The networks, compiled when `decide` says so (or `force` is True; False never compiles), and the decision.
+                  costs: Costs = Costs(), batch_size: int = 1, aot: bool = True
+                  ) -> tuple[list[torch.nn.Module], dict]:
+    """The networks, compiled when that pays, and the decision (`force`: True always compiles, False never).
 
-    torch.compile is lazy: the warm-up cost is paid by the first forward pass of each network.
+    An AOT package for this device and batch size beside the weights is used whenever it exists (it costs no
+    warm-up, so it always pays); otherwise torch.compile when `decide` says so. torch.compile is lazy: the
+    warm-up is paid by the first forward pass of each network. aot=False: torch.compile only.
     """
     device = torch.device(device)
+    if aot and force is not False:
+        aot = aot_package.load(networks, weights_dir, device, batch_size)
+        if aot is not None:
+            return aot, {"compile": True, "kind": "aot", "device": device.type, "expected_passes": expected_passes,
+                         "package": aot_package.package_path(weights_dir, device, batch_size).name,
+                         "reason": "an AOT package for this device: compiled passes without a warm-up"}
     cached = device.type == "cuda" and cache_path(weights_dir, device).is_file()
-    decision = decide(device.type, expected_passes, budget_s, cached, eager_s_per_pass, costs)
+    decision = {"kind": "torch.compile", **decide(device.type, expected_passes, budget_s, cached, eager_s_per_pass,
+                                                   costs)}
     if force is not None:
         decision = {**decision, "compile": force, "reason": f"forced ({'on' if force else 'off'})"}
     if not decision["compile"]:
@@ -154,17 +156,30 @@ def warm_up(networks: list[torch.nn.Module], patch: tuple[int, ...], device: tor
 def main(argv: list[str] | None = None) -> int:
     from .model import load_model
 
-    p = argparse.ArgumentParser(description="Compile the model's networks, warm them up, save torch's compile cache.")
+    p = argparse.ArgumentParser(description="Compile the model's networks ahead of time for this device: an AOT "
+                                "package (--aot), or torch's portable compile cache from a compiled warm-up.")
     p.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent.parent / "weights")
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass, as the predictor will run")
+    p.add_argument("--aot", action="store_true", help="build an AOTInductor package (no warm-up when loaded)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = load_model(a.weights, device=device)
-    networks, decision = maybe_compile(model.networks, device, a.weights, 0, None, force=True)
+    if a.aot:
+        path = aot_package.package_path(a.weights, device, a.batch_size)
+        in_channels = next(model.networks[0].parameters()).shape[1]  # the stem convolution's input channels
+        seconds = aot_package.build(model.networks[0], model.patch_size, in_channels, device, path, a.batch_size)
+        loaded = aot_package.load(model.networks, a.weights, device, a.batch_size, path)
+        if loaded is None:
+            raise SystemExit(f"the package {path} was built but does not load; see the warning above")
+        first = warm_up(loaded, model.patch_size, device, a.batch_size)
+        print(f"AOT package built in {seconds:.1f} s, first pass of each network {first:.1f} s; "
+              f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+        return 0
+    networks, decision = maybe_compile(model.networks, device, a.weights, 0, None, force=True, aot=False)
     seconds = warm_up(networks, model.patch_size, device, a.batch_size)
     path = save_cache(a.weights, device)
     print(f"compiled warm-up {seconds:.1f} s (cache loaded first: {decision.get('cache_loaded')}); "

@@ -1,8 +1,11 @@
 """Device choice and what to say about it: GPU, driver, torch and CUDA versions, memory."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform
+import re
+from pathlib import Path
 
 import torch
 
@@ -58,3 +61,36 @@ def free_memory(device: torch.device) -> int | None:
 
 def peak_memory_gb(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
+
+
+def device_tag(device: torch.device, cpu_isa: bool = True) -> str:
+    """What compiled code is specific to: the GPU model and compute capability, or the CPU's vector instructions."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{slug(props.name)}-sm{props.major}{props.minor}"
+    if device.type == "cpu" and cpu_isa:
+        # ATen's dispatch level: instant (inductor's own probe compiles test programs, 12 s on a fresh cache)
+        return slug(f"cpu-{torch.backends.cpu.get_cpu_capability()}")
+    return device.type
+
+
+def cpu_lacks(isa: str) -> list[str]:
+    """Of an instruction-set list as AOTInductor records it ("AVX512 AVX512_VNNI"), what this CPU lacks."""
+    try:
+        flags = set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                         if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return []  # no way to tell: trust the name, which carries the dispatch level
+    wanted = {"AVX512": "avx512f"}
+    return [name for name in isa.split() if wanted.get(name, name.lower()) not in flags]
+
+
+def plans_tag(weights_dir: Path) -> str:
+    """A short hash of the plans: compiled graphs depend on the architecture and patch size they describe."""
+    plans = Path(weights_dir) / "plans.json"
+    return hashlib.sha256(plans.read_bytes()).hexdigest()[:8] if plans.is_file() else "noplans"

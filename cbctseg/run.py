@@ -100,8 +100,10 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, args: arg
         passes = len(sliding_windows(padded, model.patch_size, args.step_size)) * len(
             anytime_passes(len(model.networks), model.mirror_axes, not args.no_mirroring))
         force = {"auto": None, "on": True, "off": False}[getattr(args, "compile", "auto")]
+        t1 = time.monotonic()
         model.networks, model.compile_decision = maybe_compile(model.networks, device, model.folder, passes,
-                                                               budget.left(), force=force)
+                                                               budget.left(), force=force, batch_size=args.batch_size)
+        t["compile"] = time.monotonic() - t1  # loading a package; torch.compile's warm-up falls in the first pass
     t1 = time.monotonic()
     result, is_labels, pred_report = predict(model, pre.data, args.step_size, not args.no_mirroring, accumulation,
                                              budget, args.batch_size, progress=sys.stderr.isatty() or args.verbose,

@@ -1,0 +1,118 @@
+"""AOT packages: built by the command, loaded without a warm-up, and answering exactly as the networks do.
+
+The package is built for the CPU here (the code path is the device's); the GPU build is the benchmark's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from cbctseg import aot_package
+from cbctseg.compile_cache import maybe_compile
+from cbctseg.model import load_model
+from conftest import REPO, run_process
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory, weights):
+    """A copy of the bundled weights with a CPU package built by `python -m cbctseg.compile_cache --aot`."""
+    folder = tmp_path_factory.mktemp("aot") / "weights"
+    shutil.copytree(weights, folder, ignore=shutil.ignore_patterns("compile_cache"))
+    r = subprocess.run([sys.executable, "-m", "cbctseg.compile_cache", "--aot", "--weights", str(folder),
+                        "--device", "cpu"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "AOT package built" in r.stdout
+    return folder
+
+
+def _window(model, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, 1, *model.patch_size), generator=g)
+
+
+def test_the_package_answers_as_each_folds_network(packaged):
+    model = load_model(packaged)
+    aot = aot_package.load(model.networks, packaged, CPU)
+    assert aot is not None and len(aot) == 2
+    x = _window(model)
+    with torch.inference_mode():
+        eager = [net(x) for net in model.networks]
+        compiled = [net(x) for net in aot]
+    scale = max(float(e.abs().max()) for e in eager)
+    for e, c in zip(eager, compiled):
+        assert c.shape == e.shape and c.dtype == e.dtype
+        assert float((e - c).abs().max()) <= 1e-4 * scale
+    # one package, two folds: each runner computes with its own fold's weights, not the ones it was built with
+    assert float((eager[0] - eager[1]).abs().max()) > 100 * float((eager[1] - compiled[1]).abs().max())
+
+
+def test_moved_parameters_are_bound_again(packaged):
+    model = load_model(packaged)
+    aot = aot_package.load(model.networks, packaged, CPU)
+    x = _window(model, seed=1)
+    net = model.networks[1]
+    with torch.inference_mode():
+        before = aot[1](x)
+    net.to(torch.float64).to(torch.float32)  # new parameter storage, same values
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.5)  # different values, so a runner still reading the old storage would be caught
+        with torch.inference_mode():
+            after, expected = aot[1](x), net(x)
+    assert float((after - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+    assert float((after - before).abs().max()) > 1e-2
+
+
+def test_other_shapes_run_on_the_network(packaged):
+    model = load_model(packaged)
+    aot = aot_package.load(model.networks, packaged, CPU)
+    x = _window(model, batch=2, seed=2)  # the package is for batch 1: the last, odd batch of a batch-2 run
+    with torch.inference_mode():
+        assert torch.equal(aot[0](x), model.networks[0](x))
+    assert aot[0].fallbacks == 1
+
+
+def test_prediction_with_the_package_equals_prediction_without(packaged, tmp_path):
+    outs = {}
+    for mode in ("auto", "off"):
+        r = run_process("--input", str(REPO / "test" / "input"), "--output", str(tmp_path / mode), "--weights",
+                        str(packaged), "--compile", mode, "--report", str(tmp_path / f"{mode}.json"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        report = json.loads((tmp_path / f"{mode}.json").read_text())[0]
+        assert report["compile"]["kind"] == ("aot" if mode == "auto" else "torch.compile")
+        assert report["compile"]["compile"] is (mode == "auto")
+        (path,) = (tmp_path / mode / "images" / "oral-pharyngeal-segmentation").glob("*.mha")
+        outs[mode] = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    assert np.array_equal(outs["auto"], outs["off"])
+    assert len(np.unique(outs["auto"])) > 2  # structures, not background only
+
+
+def test_a_package_for_other_plans_is_not_used(packaged, tmp_path):
+    folder = tmp_path / "weights"
+    shutil.copytree(packaged, folder)
+    plans = folder / "plans.json"
+    plans.write_text(plans.read_text() + "\n")  # same architecture, but the name no longer matches
+    model = load_model(folder)
+    assert aot_package.load(model.networks, folder, CPU) is None
+
+
+def test_a_damaged_package_warns_and_prediction_goes_on(packaged, tmp_path, caplog):
+    folder = tmp_path / "weights"
+    shutil.copytree(packaged, folder)
+    path = aot_package.package_path(folder, CPU)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    model = load_model(folder)
+    with caplog.at_level(logging.WARNING):
+        nets, decision = maybe_compile(model.networks, CPU, folder, 64, None)
+    assert nets is model.networks and decision["compile"] is False
+    assert "AOT package" in caplog.text and "not used" in caplog.text
