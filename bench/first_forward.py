@@ -24,7 +24,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--folds", nargs="+", default=["0", "1"])
     p.add_argument("--compile", default="off", choices=["off", "on", "auto", "aot"],
-                   help="aot: the AOT package beside the weights (on would use it too, when it is there)")
+                   help="on: torch.compile; aot: the AOT package beside the weights; auto: the engine's rule")
     p.add_argument("--passes", type=int, default=216, help="passes the case would need (for --compile auto)")
     p.add_argument("--budget", type=float, default=540.0)
     a = p.parse_args()
@@ -45,7 +45,8 @@ def main() -> int:
             torch.backends.cudnn.benchmark = True
         model = load_model(a.weights, a.folds, device)
         force = {"on": True, "off": False, "auto": None, "aot": True}[a.compile]
-        networks, out["compile"] = maybe_compile(model.networks, device, a.weights, a.passes, a.budget, force=force)
+        networks, out["compile"] = maybe_compile(model.networks, device, a.weights, a.passes, a.budget, force=force,
+                                                 aot=a.compile in ("aot", "auto"))
         net, patch = networks[0], model.patch_size
     else:
         os.environ.setdefault("nnUNet_extTrainer", str(REPO / "cbctseg" / "training" / "nnunet_trainers"))

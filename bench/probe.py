@@ -1,8 +1,17 @@
 """Exploration on a GPU before the benchmark: forward-pass variants of the ToothFairy2 network, the engine on
 one large case, agreement with nnUNetPredictor on random weights, cold starts. Each step is skipped when the
-time left (--budget) is short; results are printed as they come and written to OUT/probe.json.
+time left (--budget) is short; every result is printed and written to OUT/probe.json as it comes, so a run
+cut short keeps what it measured.
 
-    python bench/probe.py --out DIR [--budget 480]
+    python bench/probe.py --out DIR [--budget 480] [--only forward,layout,compile,aot,engine,agreement,cold]
+    python bench/probe.py --out /tmp/p --device cpu --configuration 3d_fullres_torchres_tiny \
+        --largest 96x160x160 --median 64x100x110      # a smoke run of the script itself
+
+Steps: forward (eager, batch 1 and 2, cudnn.benchmark on and off), layout (channels_last_3d, eager and
+compiled), compile (torch.compile default, max-autotune-no-cudagraphs, reduce-overhead = CUDA graphs),
+aot (AOT package: build time, load time, forward; --aot-max-autotune also builds one with max_autotune),
+engine (largest case through the engine: streamed and whole-volume sums), agreement (median case against
+nnUNetPredictor), cold (cold starts: eager, torch.compile with the portable cache, AOT package).
 
 The numbers here guide the engine's choices; the benchmark (bench.py) is what reports.
 """
@@ -10,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -23,134 +33,254 @@ from make_model import TF2_CONFIGURATION, TF2_DATASET, TF2_PLANS, build_network,
 
 T0 = time.monotonic()
 RESULTS: dict = {}
+STEPS = ("forward", "layout", "compile", "aot", "engine", "agreement", "cold")
+OUT: Path | None = None
 
 
 def note(key: str, value) -> None:
     RESULTS[key] = value
     print(f"[{time.monotonic() - T0:6.1f}s] {key}: {json.dumps(value)}", flush=True)
+    if OUT is not None:
+        (OUT / "probe.json").write_text(json.dumps(RESULTS, indent=1))
+
+
+def autocast(device: torch.device):
+    """As the predictor runs the networks: fp16 autocast on a GPU, fp32 on the CPU."""
+    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def timed_forward(net, x, n: int = 5, warm: int = 2) -> dict:
     """Median seconds of n forward passes after warm, and the peak memory of one pass above the baseline."""
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+    cuda = x.device.type == "cuda"
+    with torch.inference_mode(), autocast(x.device):
         for _ in range(warm):
             net(x)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        sync(x.device)
+        base = torch.cuda.memory_allocated() if cuda else 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(n):
             t = time.perf_counter()
             y = net(x)
-            torch.cuda.synchronize()
+            sync(x.device)
             times.append(time.perf_counter() - t)
             del y
     return {"s": round(statistics.median(times), 4), "per_window_s": round(statistics.median(times) / x.shape[0], 4),
-            "peak_extra_gb": round((torch.cuda.max_memory_allocated() - base) / 1e9, 2)}
+            "peak_extra_gb": round((torch.cuda.max_memory_allocated() - base) / 1e9, 2) if cuda else None}
 
 
 def first_call(net, x) -> float:
     t = time.perf_counter()
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+    with torch.inference_mode(), autocast(x.device):
         net(x)
-    torch.cuda.synchronize()
+    sync(x.device)
     return round(time.perf_counter() - t, 2)
 
 
+def peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(f"{float((a.float() - b.float()).abs().max()):.3g}")
+
+
+def attempt(key: str, fn) -> None:
+    """Run one measurement; an error is a result too, and the next step goes on."""
+    try:
+        fn()
+    except Exception as e:
+        note(f"{key}_error", f"{type(e).__name__}: {str(e)[:1500]}")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
+    global OUT
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--budget", type=float, default=480)
+    p.add_argument("--only", default=",".join(STEPS), help=f"comma-separated steps of {STEPS}")
+    p.add_argument("--aot-max-autotune", action="store_true", help="aot: also build with max_autotune (slow)")
+    p.add_argument("--compile", default="on", choices=["on", "aot", "off"], help="engine step's networks")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (with a small --configuration)")
+    p.add_argument("--configuration", default=TF2_CONFIGURATION)
+    p.add_argument("--largest", default="298x512x512", help="engine step's shape")
+    p.add_argument("--median", default="169x347x371", help="agreement step's shape")
     a = p.parse_args()
+    steps = set(a.only.split(","))
+    if steps - set(STEPS):
+        p.error(f"unknown steps {steps - set(STEPS)}")
     a.out.mkdir(parents=True, exist_ok=True)
+    OUT = a.out
     left = lambda: a.budget - (time.monotonic() - T0)  # noqa: E731
-    dev = torch.device("cuda")
+    dev = torch.device(a.device)
     torch.backends.cudnn.benchmark = True
-    plans = plans_with(TF2_PLANS, TF2_CONFIGURATION)
+    conf = a.configuration
+    plans = plans_with(TF2_PLANS, conf)
     dataset = json.loads(TF2_DATASET.read_text())
-    patch = tuple(plans["configurations"][TF2_CONFIGURATION]["patch_size"])
+    patch = tuple(plans["configurations"][conf]["patch_size"])
+    largest, median = (tuple(int(v) for v in s.split("x")) for s in (a.largest, a.median))
     torch.manual_seed(0)
-    nets = [build_network(plans, dataset, TF2_CONFIGURATION).to(dev).eval() for _ in range(2)]
-    note("gpu", torch.cuda.get_device_name())
+    nets = [build_network(plans, dataset, conf).to(dev).eval() for _ in range(2)]
+    note("gpu", torch.cuda.get_device_name() if dev.type == "cuda" else "none (cpu)")
     note("torch", torch.__version__)
+    note("steps", sorted(steps))
     x1 = torch.randn((1, 1, *patch), device=dev)
     x2 = torch.randn((2, 1, *patch), device=dev)
-    note("eager_b1", timed_forward(nets[0], x1))
-    note("eager_b2", timed_forward(nets[0], x2))
-    try:
-        c0 = torch.compile(nets[0], dynamic=False)
-        note("compile_b1_first_call_s", first_call(c0, x1))
-        note("compiled_b1", timed_forward(c0, x1))
-        if left() > 300:
-            note("compile_b2_first_call_s", first_call(c0, x2))
-            note("compiled_b2", timed_forward(c0, x2))
-        c1 = torch.compile(nets[1], dynamic=False)
-        note("compile_b1_second_network_first_call_s", first_call(c1, x1))
-    except Exception as e:  # report and go on with what still can be measured
-        note("compile_error", repr(e)[:2000])
-        c0 = c1 = None
-    weights = make_model_folder(Path("/tmp/probe_model"))
-    from cbctseg.compile_cache import save_cache
+    with torch.inference_mode(), autocast(dev):
+        ref = nets[0](x1)  # eager answer: every variant's output is compared with it
 
-    if c0 is not None:
-        path = save_cache(weights, dev)
-        note("compile_cache_mb", round(path.stat().st_size / 1e6, 1))
-    # the engine on the largest shape, compiled networks, batch 1, streamed and device accumulation
-    if left() > 200:
-        model = load_ours(weights, ["0", "1"], dev)
-        if c0 is not None:
-            model.networks = [torch.compile(n, dynamic=False) for n in model.networks]
-        t = time.perf_counter()
-        img = phantom((298, 512, 512), 0.3)
-        note("phantom_largest_s", round(time.perf_counter() - t, 1))
-        for acc in ("streamed", "device"):
-            if left() < 120:
+    if "forward" in steps:
+        note("eager_b1", timed_forward(nets[0], x1))
+        note("eager_b2", timed_forward(nets[0], x2))
+        torch.backends.cudnn.benchmark = False
+        attempt("eager_b1_no_cudnn_benchmark", lambda: note("eager_b1_no_cudnn_benchmark", timed_forward(nets[0], x1)))
+        torch.backends.cudnn.benchmark = True
+
+    if "layout" in steps and left() > 120:
+        def layout():
+            cl = build_network(plans, dataset, conf).to(dev).eval()
+            cl.load_state_dict(nets[0].state_dict())
+            cl = cl.to(memory_format=torch.channels_last_3d)
+            xcl = x1.to(memory_format=torch.channels_last_3d)
+            note("eager_channels_last_b1", timed_forward(cl, xcl))
+            with torch.inference_mode(), autocast(dev):
+                note("eager_channels_last_max_diff", max_diff(cl(xcl), ref))
+            if left() > 150:
+                c = torch.compile(cl, dynamic=False)
+                note("compiled_channels_last_first_call_s", first_call(c, xcl))
+                note("compiled_channels_last_b1", timed_forward(c, xcl))
+        attempt("layout", layout)
+
+    c0 = None
+    if "compile" in steps and left() > 120:
+        def compiled():
+            nonlocal c0
+            c0 = torch.compile(nets[0], dynamic=False)
+            note("compile_b1_first_call_s", first_call(c0, x1))
+            note("compiled_b1", timed_forward(c0, x1))
+            c1 = torch.compile(nets[1], dynamic=False)
+            note("compile_b1_second_network_first_call_s", first_call(c1, x1))
+        attempt("compile", compiled)
+        for mode in ("max-autotune-no-cudagraphs", "reduce-overhead"):
+            if left() < 200:
                 break
-            args = argparse.Namespace(step=0.5, accumulate=acc, batch_size=1)
-            torch.cuda.reset_peak_memory_stats()
+            def moded(mode=mode):
+                torch._dynamo.reset()
+                c = torch.compile(nets[0], dynamic=False, mode=mode)
+                note(f"compile_{mode}_first_call_s", first_call(c, x1))
+                note(f"compiled_{mode}_b1", timed_forward(c, x1))
+                with torch.inference_mode(), autocast(dev):
+                    note(f"compiled_{mode}_max_diff", max_diff(c(x1).clone(), ref))
+            attempt(f"compile_{mode}", moded)
+
+    weights = make_model_folder(a.out / "probe_model" if dev.type == "cpu" else Path("/tmp/probe_model"),
+                                configuration=conf)
+    if c0 is not None:
+        from cbctseg.compile_cache import save_cache
+
+        attempt("compile_cache", lambda: note("compile_cache_mb", round(save_cache(weights, dev).stat().st_size / 1e6, 1)))
+
+    if "aot" in steps and left() > 150:
+        from cbctseg import aot_package
+
+        def aot(max_autotune: bool):
+            tag = "aot_max_autotune" if max_autotune else "aot"
+            path = aot_package.package_path(weights, dev)
+            if max_autotune:
+                path = path.with_name(path.stem + "-max-autotune.pt2")
+            note(f"{tag}_build_s", round(aot_package.build(nets[0], patch, 1, dev, path, 1, max_autotune), 1))
+            note(f"{tag}_package_mb", round(path.stat().st_size / 1e6, 1))
             t = time.perf_counter()
-            _, seconds, info = run_ours(model, img, [0.3] * 3, dev, args)
-            note(f"ours_largest_{acc}_first_run_s", round(time.perf_counter() - t, 1))
-            torch.cuda.reset_peak_memory_stats()
-            _, seconds, info = run_ours(model, img, [0.3] * 3, dev, args)
-            note(f"ours_largest_{acc}", {**{k: round(v, 2) for k, v in seconds.items()},
-                                         "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
-                                         "s_per_pass": info["seconds_per_pass"]})
-        del img
-        # agreement with nnU-Net on the median shape, random weights
-        if left() > 100:
-            img = phantom((169, 347, 371), 0.3)
+            runners = aot_package.load(nets, weights, dev, 1, path)
+            note(f"{tag}_load_s", round(time.perf_counter() - t, 3))
+            note(f"{tag}_first_call_s", first_call(runners[0], x1))
+            note(f"{tag}_b1", timed_forward(runners[0], x1))
+            with torch.inference_mode():
+                note(f"{tag}_max_diff", max_diff(runners[0](x1), ref))
+                note(f"{tag}_second_network_max_diff", max_diff(runners[1](x1), nets[1](x1)))
+            if max_autotune:  # the engine and the cold start use the default package
+                path.unlink()
+        attempt("aot", lambda: aot(False))
+        if a.aot_max_autotune and left() > 200:
+            attempt("aot_max_autotune", lambda: aot(True))
+
+    # the engine on the largest shape, batch 1, streamed and device accumulation
+    if "engine" in steps and left() > 200:
+        from cbctseg.compile_cache import maybe_compile
+
+        def engine():
+            model = load_ours(weights, ["0", "1"], dev)
+            if a.compile != "off":
+                model.networks, decision = maybe_compile(model.networks, dev, weights, 216, None, force=True,
+                                                         aot=a.compile == "aot")
+                note("engine_compile", decision)
+            t = time.perf_counter()
+            img = phantom(largest, 0.3)
+            note("phantom_largest_s", round(time.perf_counter() - t, 1))
+            for acc in ("streamed", "device"):
+                if left() < 120:
+                    break
+                args = argparse.Namespace(step=0.5, accumulate=acc, batch_size=1)
+                t = time.perf_counter()
+                run_ours(model, img, [0.3] * 3, dev, args)
+                note(f"ours_largest_{acc}_first_run_s", round(time.perf_counter() - t, 1))
+                peak_reset(dev)
+                _, seconds, info = run_ours(model, img, [0.3] * 3, dev, args)
+                note(f"ours_largest_{acc}", {**{k: round(v, 2) for k, v in seconds.items()}, "peak_gb": peak(dev),
+                                             "s_per_pass": info["seconds_per_pass"]})
+        attempt("engine", engine)
+
+    # agreement with nnU-Net on the median shape, random weights
+    if "agreement" in steps and left() > 100:
+        def agreement():
+            model = load_ours(weights, ["0", "1"], dev)
+            img = phantom(median, 0.3)
             args = argparse.Namespace(step=0.5, accumulate="device", batch_size=1)
             ours, s_ours, _ = run_ours(model, img, [0.3] * 3, dev, args)
             note("ours_median", {k: round(v, 2) for k, v in s_ours.items()})
             for n in model.networks:
                 n.to("cpu")
-            torch.cuda.empty_cache()
             pred = load_nnunet(weights, ["0", "1"], dev, 0.5)
-            torch.cuda.reset_peak_memory_stats()
-            ref, s_ref, info = run_nnunet(pred, img, [0.3] * 3, dev)
-            note("nnunet_median_first_run", {**{k: round(v, 2) for k, v in s_ref.items()},
-                                             "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)})
-            note("agreement_median", agreement_of(ours, ref, info["logits"], patch, 0.5))
-            del pred, info
-            torch.cuda.empty_cache()
-    # cold starts in fresh processes (empty inductor caches; the portable cache beside the weights)
-    for mode in ("off", "on"):
-        if left() < 40:
-            break
-        env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": f"/tmp/ind-{mode}",
-               "TRITON_CACHE_DIR": f"/tmp/tri-{mode}"}
-        t = time.time()
-        r = subprocess.run([sys.executable, str(BENCH / "first_forward.py"), "ours", str(weights), "--compile", mode],
-                           capture_output=True, text=True, env=env, timeout=max(10, left()))
-        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("FIRST_FORWARD ")), None)
-        if line:
-            child = json.loads(line.split(" ", 1)[1])
-            note(f"cold_start_{mode}", {"to_first_forward_s": round(child["wall_at_first_forward"] - t, 1),
-                                        **{k: round(v, 2) for k, v in child.items() if k.endswith("_s")}})
-        else:
-            note(f"cold_start_{mode}_error", r.stderr[-1500:])
-    (a.out / "probe.json").write_text(json.dumps(RESULTS, indent=1))
+            peak_reset(dev)
+            ref_labels, s_ref, info = run_nnunet(pred, img, [0.3] * 3, dev)
+            note("nnunet_median_first_run", {**{k: round(v, 2) for k, v in s_ref.items()}, "peak_gb": peak(dev)})
+            note("agreement_median", agreement_of(ours, ref_labels, info["logits"], patch, 0.5))
+        attempt("agreement", agreement)
+
+    # cold starts in fresh processes (empty inductor caches; only what lies beside the weights helps)
+    if "cold" in steps:
+        for mode in ("off", "aot", "on"):
+            if left() < 40:
+                break
+            if mode == "aot" and not any((weights / "compile_cache").glob("*.pt2")):
+                continue
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"/tmp/ind-{mode}", "TRITON_CACHE_DIR": f"/tmp/tri-{mode}"}
+            t = time.time()
+            r = subprocess.run([sys.executable, str(BENCH / "first_forward.py"), "ours", str(weights), "--compile",
+                                mode, "--device", a.device], capture_output=True, text=True, env=env,
+                               timeout=max(10, left()))
+            line = next((ln for ln in r.stdout.splitlines() if ln.startswith("FIRST_FORWARD ")), None)
+            if line:
+                child = json.loads(line.split(" ", 1)[1])
+                note(f"cold_start_{mode}", {"to_first_forward_s": round(child["wall_at_first_forward"] - t, 1),
+                                            "compile_kind": (child.get("compile") or {}).get("kind"),
+                                            **{k: round(v, 2) for k, v in child.items() if k.endswith("_s")}})
+            else:
+                note(f"cold_start_{mode}_error", r.stderr[-1500:])
+    note("done_s", round(time.monotonic() - T0, 1))
     return 0
 
 

@@ -53,10 +53,12 @@ def package_path(weights_dir: Path, device: torch.device, batch_size: int = 1) -
 
 
 def build(net: torch.nn.Module, patch: tuple[int, ...], in_channels: int, device: torch.device, path: Path,
-          batch_size: int = 1) -> float:
+          batch_size: int = 1, max_autotune: bool = False) -> float:
     """Export `net` (on `device`) for window-shaped inputs and compile it into a package at `path`; seconds taken.
 
-    Written under a temporary name and renamed, so a package that exists is complete.
+    max_autotune: let inductor time its kernel choices (convolutions included) on this device; slower to
+    build, which a package pays once. Written under a temporary name and renamed, so a package that exists
+    is complete.
     """
     device = torch.device(device)
     shape = (batch_size, in_channels, *patch)
@@ -64,7 +66,8 @@ def build(net: torch.nn.Module, patch: tuple[int, ...], in_channels: int, device
     x = torch.zeros(shape, device=device)
     with torch.no_grad():
         exported = torch.export.export(_Autocast(net, device.type).eval(), (x,))
-    meta = {"cbctseg_input_shape": json.dumps(list(shape)), "cbctseg_device": device_tag(device)}
+    meta = {"cbctseg_input_shape": json.dumps(list(shape)), "cbctseg_device": device_tag(device),
+            "cbctseg_max_autotune": str(max_autotune)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
     try:
@@ -72,7 +75,7 @@ def build(net: torch.nn.Module, patch: tuple[int, ...], in_channels: int, device
             exported, package_path=str(tmp),
             inductor_configs={"aot_inductor.package_constants_in_so": False,
                               "aot_inductor.use_runtime_constant_folding": True,
-                              "aot_inductor.metadata": meta})
+                              "aot_inductor.metadata": meta, "max_autotune": max_autotune})
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -1,4 +1,4 @@
-"""Command line: predict (the default, what grand-challenge runs), train, phantom."""
+"""Command line: predict (the default, what grand-challenge runs), train, compile, phantom and the rest."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from pathlib import Path
 
 log = logging.getLogger("cbctseg")
 
-SUBCOMMANDS = ("predict", "train", "phantom", "evaluate", "cutoffs", "export-triton", "cohort")
+SUBCOMMANDS = ("predict", "train", "phantom", "evaluate", "cutoffs", "compile", "export-triton", "cohort")
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -29,8 +29,8 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="compiled networks: an AOT package beside the weights for this device is used unless "
                         "'off'; else auto runs torch.compile on a GPU when it pays within the budget (a compile "
-                        "cache beside the weights makes it cheaper). Make either with python -m "
-                        "cbctseg.compile_cache [--aot]")
+                        "cache beside the weights makes it cheaper). Make either with "
+                        "process.py compile [--aot]")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds per case, counted from process start for the first case (default: the "
                         "ToothFairy2 limit of resources/task.json minus 60 s); 0 disables the guard")
@@ -97,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _evaluate_parser(sub.add_parser("evaluate", help="Dice and HD95 per structure, as the challenge scores them"))
     _cutoffs_parser(sub.add_parser("cutoffs", help="per-class volume cutoffs from cross-validation predictions"))
-    from . import cohort, triton_export
+    from . import cohort, compile_cache, triton_export
 
+    compile_cache.add_arguments(sub.add_parser(
+        "compile", help="networks compiled ahead of time for this device: an AOT package or a compile cache"))
     triton_export.add_arguments(sub.add_parser(
         "export-triton", help="model folder -> Triton model repository (ONNX or TorchScript), checked"))
     cohort.add_arguments(sub.add_parser("cohort", help="many cases, K in flight, resumable (local or Triton)"))
@@ -179,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(["predict", *argv])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from . import cohort, triton_export
+    from . import cohort, compile_cache, triton_export
 
     commands = {"predict": cmd_predict, "train": cmd_train, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
-                "cutoffs": cmd_cutoffs, "export-triton": triton_export.run_from_args, "cohort": cohort.run_from_args}
+                "cutoffs": cmd_cutoffs, "compile": compile_cache.run_from_args,
+                "export-triton": triton_export.run_from_args, "cohort": cohort.run_from_args}
     return commands[args.command](args)

@@ -5,8 +5,9 @@ a forward pass (0.131 s -> 0.065 s for the ToothFairy2 network; bench/ANCHORS). 
 enough passes to win that time back, and never on the CPU. An AOT package (cbctseg.aot_package) beside the
 weights skips the warm-up altogether, and is used on any device it was built for.
 
-    python -m cbctseg.compile_cache [--weights DIR] [--device cuda]         # compile, warm up, save the cache
-    python -m cbctseg.compile_cache --aot [--weights DIR] [--device cuda]   # build an AOT package
+    python process.py compile [--weights DIR] [--device cuda]         # compile, warm up, save the cache
+    python process.py compile --aot [--weights DIR] [--device cuda]   # build an AOT package
+(or python -m cbctseg.compile_cache with the same arguments)
 """
 from __future__ import annotations
 
@@ -153,28 +154,40 @@ def warm_up(networks: list[torch.nn.Module], patch: tuple[int, ...], device: tor
     return time.monotonic() - t0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .model import load_model
-
-    p = argparse.ArgumentParser(description="Compile the model's networks ahead of time for this device: an AOT "
-                                "package (--aot), or torch's portable compile cache from a compiled warm-up.")
-    p.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent.parent / "weights")
-    p.add_argument("--device", default="cuda")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent.parent / "weights",
+                   help="the model folder; what is built goes to its compile_cache/")
+    p.add_argument("--device", default="cuda", help="the device to build for (cuda, cuda:N, or cpu)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass, as the predictor will run")
     p.add_argument("--aot", action="store_true", help="build an AOTInductor package (no warm-up when loaded)")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    p.add_argument("--max-autotune", action="store_true",
+                   help="with --aot: time kernel choices on this device while building (slower build)")
+
+
+def run_from_args(a: argparse.Namespace) -> int:
+    """Build what the arguments ask for; prints one summary line."""
+    from .model import ModelError, load_model
+
     device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.error("compile: device %s requested but CUDA is not available", a.device)
+        return 2
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = load_model(a.weights, device=device)
+    try:
+        model = load_model(a.weights, device=device)
+    except ModelError as e:
+        log.error("compile: %s", e)
+        return 2
     if a.aot:
         path = aot_package.package_path(a.weights, device, a.batch_size)
         in_channels = next(model.networks[0].parameters()).shape[1]  # the stem convolution's input channels
-        seconds = aot_package.build(model.networks[0], model.patch_size, in_channels, device, path, a.batch_size)
+        seconds = aot_package.build(model.networks[0], model.patch_size, in_channels, device, path, a.batch_size,
+                                    a.max_autotune)
         loaded = aot_package.load(model.networks, a.weights, device, a.batch_size, path)
         if loaded is None:
-            raise SystemExit(f"the package {path} was built but does not load; see the warning above")
+            log.error("compile: the package %s was built but does not load; see the warning above", path)
+            return 1
         first = warm_up(loaded, model.patch_size, device, a.batch_size)
         print(f"AOT package built in {seconds:.1f} s, first pass of each network {first:.1f} s; "
               f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -185,6 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compiled warm-up {seconds:.1f} s (cache loaded first: {decision.get('cache_loaded')}); "
           f"cache {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Compile the model's networks ahead of time for this device: an AOT "
+                                "package (--aot), or torch's portable compile cache from a compiled warm-up.")
+    add_arguments(p)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return run_from_args(a)
 
 
 if __name__ == "__main__":

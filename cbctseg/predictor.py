@@ -162,8 +162,12 @@ class StreamedLabels:
             avg = (self.band.logits[:, a:b] / self.band.weights[a:b]).half()
             self.labels[self.z0 + a:self.z0 + b] = avg.argmax(0).to(torch.uint8).cpu()
         keep = self.band.shape[0] - n
-        self.band.logits[:, :keep] = self.band.logits[:, n:].clone()
-        self.band.weights[:keep] = self.band.weights[n:].clone()
+        # shift the kept slices to the front in place, in chunks of at most n slices: a chunk's source then
+        # never overlaps what is written, and no copy of the kept band (1.8 GB on the largest case) is made
+        for a in range(0, keep, min(n, 16)):
+            b = min(keep, a + min(n, 16))
+            self.band.logits[:, a:b] = self.band.logits[:, a + n:b + n]
+            self.band.weights[a:b] = self.band.weights[a + n:b + n]
         self.band.logits[:, keep:] = 0
         self.band.weights[keep:] = 0
         self.z0 += n

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,11 +23,10 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory, weights):
-    """A copy of the bundled weights with a CPU package built by `python -m cbctseg.compile_cache --aot`."""
+    """A copy of the bundled weights with a CPU package built by `process.py compile --aot`."""
     folder = tmp_path_factory.mktemp("aot") / "weights"
     shutil.copytree(weights, folder, ignore=shutil.ignore_patterns("compile_cache"))
-    r = subprocess.run([sys.executable, "-m", "cbctseg.compile_cache", "--aot", "--weights", str(folder),
-                        "--device", "cpu"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    r = run_process("compile", "--aot", "--weights", str(folder), "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "AOT package built" in r.stdout
     return folder
@@ -116,3 +113,9 @@ def test_a_damaged_package_warns_and_prediction_goes_on(packaged, tmp_path, capl
         nets, decision = maybe_compile(model.networks, CPU, folder, 64, None)
     assert nets is model.networks and decision["compile"] is False
     assert "AOT package" in caplog.text and "not used" in caplog.text
+
+
+def test_compile_refuses_a_missing_model_folder(tmp_path):
+    r = run_process("compile", "--aot", "--weights", str(tmp_path / "none"), "--device", "cpu")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    assert not (tmp_path / "none").exists()

@@ -12,7 +12,7 @@ import torch
 from cbctseg import gc_io
 from cbctseg.model import load_model
 from cbctseg.phantom import PhantomSpec, make_phantom_arrays
-from cbctseg.predictor import Accumulation, finalize, predict
+from cbctseg.predictor import Accumulation, StreamedLabels, finalize, predict
 from cbctseg.preprocess import preprocess
 from cbctseg.run import predict_case
 from cbctseg.schedule import Budget, plan_work, sliding_windows
@@ -142,3 +142,18 @@ def test_out_of_memory_mid_case_loses_no_finished_work(weights):
     # batch 2 and batch 1 convolutions differ in the last bits; fp16 sums keep that small
     torch.testing.assert_close(out.float(), ref.float(), atol=5e-2, rtol=1e-2)
     assert float((out.argmax(0) == ref.argmax(0)).float().mean()) >= 0.9999
+
+
+@pytest.mark.parametrize("n", [3, 8, 20, 39])
+def test_finished_slices_leave_the_band_and_the_rest_moves_to_its_front(n):
+    # the band shifts in place in chunks (no copy of the kept slices): shifts smaller and larger than a chunk
+    band = StreamedLabels(4, (60, 5, 6), 40, CPU)
+    g = torch.Generator().manual_seed(n)
+    band.band.logits.copy_(torch.randn(band.band.logits.shape, generator=g).half())
+    band.band.weights.copy_(torch.rand(band.band.weights.shape, generator=g) + 0.1)
+    logits, weights = band.band.logits.clone(), band.band.weights.clone()
+    band.finish_before(n)
+    keep = 40 - n
+    assert torch.equal(band.band.logits[:, :keep], logits[:, n:]) and torch.equal(band.band.weights[:keep], weights[n:])
+    assert not band.band.logits[:, keep:].any() and not band.band.weights[keep:].any() and band.z0 == n
+    assert torch.equal(band.labels[:n], (logits[:, :n] / weights[:n]).half().argmax(0).to(torch.uint8))

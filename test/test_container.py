@@ -269,6 +269,22 @@ def test_entrypoint_uses_an_uploaded_model_tarball(sandbox_venv, sample_cases, s
     check_output(out)
 
 
+def test_entrypoint_uses_an_aot_package_beside_the_model(sandbox_venv, sample_cases, shared_dir):
+    """A model folder with an AOT package for this CPU: loaded unprivileged from a read-only mount, same output."""
+    model = new_dir(shared_dir, "aot-model")
+    shutil.copytree(REPO / "weights", model, dirs_exist_ok=True, ignore=shutil.ignore_patterns("compile_cache"))
+    built = subprocess.run([str(sandbox_venv / "bin" / "python"), str(REPO / "process.py"), "compile", "--aot",
+                            "--device", "cpu", "--weights", str(model)], capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stderr[-3000:]
+    subprocess.run(["chmod", "-R", "a+rX", str(model)], check=True)
+    out = new_dir(shared_dir, "aot-out")
+    r = run_sandbox(sandbox_venv, [], shared_dir, input_dir=SAMPLE_INPUT, output_dir=out,
+                    extra=["--model", str(model)], timeout=1800)
+    assert r.returncode == 0, f"entrypoint failed with an AOT package:\n{r.stderr[-5000:]}"
+    assert re.search(r"AOT package \S+\.pt2 loaded for 2 network", r.stderr), r.stderr[-3000:]
+    check_output(out)
+
+
 def test_entrypoint_fails_without_input(sandbox_venv, shared_dir):
     r = run_sandbox(sandbox_venv, [], shared_dir, timeout=600)  # an empty /input
     assert r.returncode != 0, r.stderr[-3000:]
