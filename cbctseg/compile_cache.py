@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,14 @@ def decide(device_type: str, expected_passes: int, budget_s: float | None, cache
     return {**d, "compile": pays, "reason": why + (": compile" if pays else ": stay eager")}
 
 
+def c_compiler() -> str | None:
+    """The C compiler Triton would use ($CC, else cc, gcc or clang on PATH), or None."""
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+
+
 def maybe_compile(networks: list[torch.nn.Module], device: torch.device, weights_dir: Path, expected_passes: int,
                   budget_s: float | None, eager_s_per_pass: float | None = None, force: bool | None = None,
                   costs: Costs = Costs(), batch_size: int = 1, aot: bool = True
@@ -128,6 +137,13 @@ def maybe_compile(networks: list[torch.nn.Module], device: torch.device, weights
             return aot, {"compile": True, "kind": "aot", "device": device.type, "expected_passes": expected_passes,
                          "package": aot_package.package_path(weights_dir, device, batch_size).name,
                          "reason": "an AOT package for this device: compiled passes without a warm-up"}
+    if device.type == "cuda" and force is not False and c_compiler() is None:
+        # Triton builds its kernel launcher with the system's C compiler at the first compiled call; a slim
+        # image has none, and the case would fail there instead of running eager
+        log.warning("no C compiler (CC, cc, gcc or clang): torch.compile cannot run here; staying eager")
+        return networks, {"kind": "torch.compile", "compile": False, "device": device.type,
+                          "expected_passes": expected_passes,
+                          "reason": "no C compiler for Triton: eager (an AOT package needs none)"}
     cached = device.type == "cuda" and cache_path(weights_dir, device).is_file()
     decision = {"kind": "torch.compile", **decide(device.type, expected_passes, budget_s, cached, eager_s_per_pass,
                                                    costs)}

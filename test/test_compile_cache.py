@@ -70,3 +70,12 @@ def test_maybe_compile_leaves_cpu_networks_alone(tmp_path):
     nets = [torch.nn.Conv3d(1, 2, 1)]
     out, d = maybe_compile(nets, torch.device("cpu"), tmp_path, 10_000, None)
     assert out is nets and d["compile"] is False
+
+
+def test_without_a_c_compiler_a_gpu_stays_eager_instead_of_failing_mid_case(tmp_path, monkeypatch):
+    # a slim image: Triton could not build its launcher at the first compiled call, so do not compile at all
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    nets = [torch.nn.Conv3d(1, 2, 1)]
+    out, d = maybe_compile(nets, torch.device("cuda"), tmp_path, 10_000, None, force=True)
+    assert out is nets and d["compile"] is False and "C compiler" in d["reason"]
