@@ -28,7 +28,8 @@ from pathlib import Path
 
 import bench  # noqa: F401  (environment variables for nnU-Net, sys.path)
 import torch
-from bench import (BENCH, agreement_of, load_nnunet, load_ours, phantom, run_nnunet, run_ours)
+from bench import (BENCH, agreement_of, load_nnunet, load_ours, peak_gb, phantom, reset_peak, run_nnunet, run_ours,
+                   sync)
 from make_model import TF2_CONFIGURATION, TF2_DATASET, TF2_PLANS, build_network, make_model_folder, plans_with
 
 T0 = time.monotonic()
@@ -47,11 +48,6 @@ def note(key: str, value) -> None:
 def autocast(device: torch.device):
     """As the predictor runs the networks: fp16 autocast on a GPU, fp32 on the CPU."""
     return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_forward(net, x, n: int = 5, warm: int = 2) -> dict:
@@ -83,13 +79,6 @@ def first_call(net, x) -> float:
     return round(time.perf_counter() - t, 2)
 
 
-def peak_reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak(device: torch.device) -> float | None:
-    return round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -237,9 +226,9 @@ def main() -> int:
                 t = time.perf_counter()
                 run_ours(model, img, [0.3] * 3, dev, args)
                 note(f"ours_largest_{acc}_first_run_s", round(time.perf_counter() - t, 1))
-                peak_reset(dev)
+                reset_peak(dev)
                 _, seconds, info = run_ours(model, img, [0.3] * 3, dev, args)
-                note(f"ours_largest_{acc}", {**{k: round(v, 2) for k, v in seconds.items()}, "peak_gb": peak(dev),
+                note(f"ours_largest_{acc}", {**{k: round(v, 2) for k, v in seconds.items()}, **peak_gb(dev),
                                              "s_per_pass": info["seconds_per_pass"]})
         attempt("engine", engine)
 
@@ -254,9 +243,9 @@ def main() -> int:
             for n in model.networks:
                 n.to("cpu")
             pred = load_nnunet(weights, ["0", "1"], dev, 0.5)
-            peak_reset(dev)
+            reset_peak(dev)
             ref_labels, s_ref, info = run_nnunet(pred, img, [0.3] * 3, dev)
-            note("nnunet_median_first_run", {**{k: round(v, 2) for k, v in s_ref.items()}, "peak_gb": peak(dev)})
+            note("nnunet_median_first_run", {**{k: round(v, 2) for k, v in s_ref.items()}, **peak_gb(dev)})
             note("agreement_median", agreement_of(ours, ref_labels, info["logits"], patch, 0.5))
         attempt("agreement", agreement)
 

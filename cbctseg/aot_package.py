@@ -10,7 +10,7 @@ bound parameters, so a package never answers with the weights it was built from.
 A package is specific to the device (GPU model, or CPU instruction set), torch build, plans and batch
 size, which its file name says: `<weights>/compile_cache/<device>-torch<ver>-<plans>-b<batch>.pt2`.
 
-    python -m cbctseg.compile_cache --aot [--weights DIR] [--device cuda] [--batch-size 1]
+    python process.py compile --aot [--weights DIR] [--device cuda] [--batch-size 1]
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .device import cpu_lacks, device_tag, plans_tag, slug
+from .device import autocast, cpu_lacks, device_tag, plans_tag, slug
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +33,15 @@ PREFIX = "net."  # the network's parameter names inside the exported wrapper
 
 
 class _Autocast(torch.nn.Module):
-    """The network as the predictor runs it: fp16 autocast on a GPU, plain fp32 on the CPU."""
+    """The network as the predictor runs it (`device.autocast`), so that export records the autocast."""
 
-    def __init__(self, net: torch.nn.Module, device_type: str):
+    def __init__(self, net: torch.nn.Module, device: torch.device):
         super().__init__()
-        self.net, self.device_type = net, device_type
+        self.net, self.device = net, device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.device_type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                return self.net(x)
-        return self.net(x)
+        with autocast(self.device):
+            return self.net(x)
 
 
 def package_path(weights_dir: Path, device: torch.device, batch_size: int = 1) -> Path:
@@ -65,7 +63,7 @@ def build(net: torch.nn.Module, patch: tuple[int, ...], in_channels: int, device
     t0 = time.monotonic()
     x = torch.zeros(shape, device=device)
     with torch.no_grad():
-        exported = torch.export.export(_Autocast(net, device.type).eval(), (x,))
+        exported = torch.export.export(_Autocast(net, device).eval(), (x,))
     meta = {"cbctseg_input_shape": json.dumps(list(shape)), "cbctseg_device": device_tag(device),
             "cbctseg_max_autotune": str(max_autotune)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,18 +152,17 @@ def load(networks: list[torch.nn.Module], weights_dir: Path, device: torch.devic
     if not path.is_file():
         return None
     try:
+        runners = [_Runner(path, device.index if device.index is not None else -1) for _ in networks]
+        meta = runners[0].get_metadata()
+        lacking = cpu_lacks(meta.get("AOTI_CPU_ISA", "")) if device.type == "cpu" else []
+        if lacking:
+            raise ValueError(f"built for CPU instructions this CPU lacks: {lacking}")
+        shape = tuple(json.loads(meta.get("cbctseg_input_shape", "[]")))
+        names = {n for n in runners[0].get_constant_fqns() if not n.startswith(FOLDED)}
         wrapped = []
-        for i, net in enumerate(networks):
-            runner = _Runner(path, device.index if device.index is not None else -1)
-            meta = runner.get_metadata()
-            lacking = cpu_lacks(meta.get("AOTI_CPU_ISA", "")) if device.type == "cpu" else []
-            if lacking:
-                raise ValueError(f"built for CPU instructions this CPU lacks: {lacking}")
-            shape = tuple(json.loads(meta.get("cbctseg_input_shape", "[]")))
-            names = {n for n in runner.get_constant_fqns() if not n.startswith(FOLDED)}
-            tensors = _named_tensors(net)
+        for i, (runner, net) in enumerate(zip(runners, networks)):
             # shared modules give a tensor several names and the package knows it by one; unused ones it drops
-            unknown = names - tensors.keys()
+            unknown = names - _named_tensors(net).keys()
             if unknown or not names:
                 raise ValueError(f"the package's constants are not this network's parameters "
                                  f"({len(unknown)} of {len(names)} unknown, e.g. {sorted(unknown)[:2]})")

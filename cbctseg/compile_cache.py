@@ -12,7 +12,6 @@ weights skips the warm-up altogether, and is used on any device it was built for
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import shutil
@@ -23,11 +22,11 @@ from pathlib import Path
 import torch
 
 from . import aot_package
-from .device import device_tag, plans_tag, slug
+from .device import autocast, device_tag, plans_tag, slug
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = "compile_cache"
+CACHE_DIR = aot_package.CACHE_DIR  # the portable cache and the AOT packages share the folder
 
 
 @dataclass(frozen=True)
@@ -132,9 +131,9 @@ def maybe_compile(networks: list[torch.nn.Module], device: torch.device, weights
     """
     device = torch.device(device)
     if aot and force is not False:
-        aot = aot_package.load(networks, weights_dir, device, batch_size)
-        if aot is not None:
-            return aot, {"compile": True, "kind": "aot", "device": device.type, "expected_passes": expected_passes,
+        packaged = aot_package.load(networks, weights_dir, device, batch_size)
+        if packaged is not None:
+            return packaged, {"compile": True, "kind": "aot", "device": device.type, "expected_passes": expected_passes,
                          "package": aot_package.package_path(weights_dir, device, batch_size).name,
                          "reason": "an AOT package for this device: compiled passes without a warm-up"}
     if device.type == "cuda" and force is not False and c_compiler() is None:
@@ -163,7 +162,7 @@ def warm_up(networks: list[torch.nn.Module], patch: tuple[int, ...], device: tor
     t0 = time.monotonic()
     x = torch.randn((batch_size, 1, *patch), device=device)
     for net in networks:
-        with torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext():
+        with autocast(device):
             net(x)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -8,7 +8,6 @@ the budget stop early and an out-of-memory error cost nothing already done.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from tqdm import tqdm
 
+from .device import autocast
 from .model import Model
 from .preprocess import Preprocessed, _call_with_device
 from .schedule import Budget, WorkItem, plan_work, sliding_windows
@@ -177,10 +177,6 @@ class StreamedLabels:
         return self.labels
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -280,7 +276,7 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
             if sent is not None:
                 y = sent.result()
             else:
-                with _autocast(device):
+                with autocast(device):
                     y = model.networks[item.model](_window_batch(padded, items, batch))
             for k, j in enumerate(batch):
                 acc.add(items[j].window, y[k], gaussian, item.flip)
