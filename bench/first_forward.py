@@ -47,7 +47,7 @@ def main() -> int:
         force = {"on": True, "off": False, "auto": None, "aot": True}[a.compile]
         networks, out["compile"] = maybe_compile(model.networks, device, a.weights, a.passes, a.budget, force=force,
                                                  aot=a.compile in ("aot", "auto"))
-        net, patch = networks[0], model.patch_size
+        net, patch, dtype = networks[0], model.patch_size, model.input_dtype
     else:
         os.environ.setdefault("nnUNet_extTrainer", str(REPO / "cbctseg" / "training" / "nnunet_trainers"))
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -58,10 +58,10 @@ def main() -> int:
                                     device=device, allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(a.weights), use_folds=tuple(a.folds))
         net = predictor.network.to(device).eval()  # nnU-Net moves it at its first sliding window
-        patch = tuple(predictor.configuration_manager.patch_size)
+        patch, dtype = tuple(predictor.configuration_manager.patch_size), torch.float32
     out["load_s"] = time.monotonic() - t1
     t1 = time.monotonic()
-    x = torch.randn((1, 1, *patch), device=device)
+    x = torch.randn((1, 1, *patch), device=device, dtype=dtype)
     with torch.inference_mode(), (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda"
                                   else torch.autocast("cpu", enabled=False)):
         net(x)

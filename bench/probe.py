@@ -32,6 +32,9 @@ from bench import (BENCH, agreement_of, load_nnunet, load_ours, peak_gb, phantom
                    sync)
 from make_model import TF2_CONFIGURATION, TF2_DATASET, TF2_PLANS, build_network, make_model_folder, plans_with
 
+from cbctseg import precision
+from cbctseg.precision import autocast
+
 T0 = time.monotonic()
 RESULTS: dict = {}
 STEPS = ("forward", "layout", "compile", "aot", "engine", "agreement", "cold")
@@ -43,11 +46,6 @@ def note(key: str, value) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s] {key}: {json.dumps(value)}", flush=True)
     if OUT is not None:
         (OUT / "probe.json").write_text(json.dumps(RESULTS, indent=1))
-
-
-def autocast(device: torch.device):
-    """As the predictor runs the networks: fp16 autocast on a GPU, fp32 on the CPU."""
-    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
 
 
 def timed_forward(net, x, n: int = 5, warm: int = 2) -> dict:
@@ -122,17 +120,26 @@ def main() -> int:
     patch = tuple(plans["configurations"][conf]["patch_size"])
     largest, median = (tuple(int(v) for v in s.split("x")) for s in (a.largest, a.median))
     torch.manual_seed(0)
+    fp32 = [build_network(plans, dataset, conf).to(dev).eval() for _ in range(2)]
     nets = [build_network(plans, dataset, conf).to(dev).eval() for _ in range(2)]
+    for net, ref32 in zip(nets, fp32):  # the networks as load_model stores them (precision.prepare)
+        net.load_state_dict(ref32.state_dict())
+        precision.prepare(net, dev)
     note("gpu", torch.cuda.get_device_name() if dev.type == "cuda" else "none (cpu)")
     note("torch", torch.__version__)
     note("steps", sorted(steps))
-    x1 = torch.randn((1, 1, *patch), device=dev)
-    x2 = torch.randn((2, 1, *patch), device=dev)
+    x1_fp32 = torch.randn((1, 1, *patch), device=dev)
+    x1 = x1_fp32.to(precision.input_dtype(dev))
+    x2 = torch.randn((2, 1, *patch), device=dev, dtype=x1.dtype)
     with torch.inference_mode(), autocast(dev):
         ref = nets[0](x1)  # eager answer: every variant's output is compared with it
 
     if "forward" in steps:
         note("eager_b1", timed_forward(nets[0], x1))
+        # as before precision.prepare: fp32 weights (autocast keeps fp16 copies) and an fp32 input
+        note("eager_b1_fp32_weights", timed_forward(fp32[0], x1_fp32))
+        with torch.inference_mode(), autocast(dev):
+            note("eager_fp32_weights_max_diff", max_diff(fp32[0](x1_fp32), ref))
         note("eager_b2", timed_forward(nets[0], x2))
         torch.backends.cudnn.benchmark = False
         attempt("eager_b1_no_cudnn_benchmark", lambda: note("eager_b1_no_cudnn_benchmark", timed_forward(nets[0], x1)))
@@ -142,6 +149,7 @@ def main() -> int:
         def layout():
             cl = build_network(plans, dataset, conf).to(dev).eval()
             cl.load_state_dict(nets[0].state_dict())
+            precision.prepare(cl, dev)
             cl = cl.to(memory_format=torch.channels_last_3d)
             xcl = x1.to(memory_format=torch.channels_last_3d)
             note("eager_channels_last_b1", timed_forward(cl, xcl))

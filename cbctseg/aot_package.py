@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .device import autocast, cpu_lacks, device_tag, plans_tag, slug
+from .device import cpu_lacks, device_tag, plans_tag, slug
+from .precision import autocast, input_dtype
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,11 @@ def build(net: torch.nn.Module, patch: tuple[int, ...], in_channels: int, device
     device = torch.device(device)
     shape = (batch_size, in_channels, *patch)
     t0 = time.monotonic()
-    x = torch.zeros(shape, device=device)
+    x = torch.zeros(shape, device=device, dtype=input_dtype(device))
     with torch.no_grad():
         exported = torch.export.export(_Autocast(net, device).eval(), (x,))
-    meta = {"cbctseg_input_shape": json.dumps(list(shape)), "cbctseg_device": device_tag(device),
+    meta = {"cbctseg_input_shape": json.dumps(list(shape)), "cbctseg_input_dtype": _name(x.dtype),
+            "cbctseg_weights": _weights_dtypes(net), "cbctseg_device": device_tag(device),
             "cbctseg_max_autotune": str(max_autotune)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
@@ -87,9 +89,10 @@ class AotNetwork(torch.nn.Module):
     The runner reads the network's parameters in place; when they move (`.to()`), it is bound to them again.
     """
 
-    def __init__(self, runner, net: torch.nn.Module, shape: tuple[int, ...], names: set[str], name: str):
+    def __init__(self, runner, net: torch.nn.Module, shape: tuple[int, ...], dtype: torch.dtype, names: set[str],
+                 name: str):
         super().__init__()
-        self.net, self.shape, self.names, self.name = net, tuple(shape), names, name
+        self.net, self.shape, self.dtype, self.names, self.name = net, tuple(shape), dtype, names, name
         self._runner, self._bound, self._ptr = runner, None, None
         self.fallbacks = 0
 
@@ -102,11 +105,11 @@ class AotNetwork(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         param = next(self.net.parameters())
-        if tuple(x.shape) != self.shape or x.dtype != torch.float32 or x.device != param.device:
+        if tuple(x.shape) != self.shape or x.dtype != self.dtype or x.device != param.device:
             self.fallbacks += 1
             if self.fallbacks == 1:
-                log.info("%s: input %s is not the package's %s: the network runs it", self.name, tuple(x.shape),
-                         self.shape)
+                log.info("%s: input %s %s is not the package's %s %s: the network runs it", self.name,
+                         tuple(x.shape), _name(x.dtype), self.shape, _name(self.dtype))
             return self.net(x)
         if param.data_ptr() != self._ptr:
             self._bind()
@@ -135,6 +138,15 @@ class _Runner:
         return self.loader.boxed_run([x])[0]
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _weights_dtypes(net: torch.nn.Module) -> str:
+    """The parameters' dtypes as a package records them: its kernels are built for them (precision.prepare)."""
+    return ",".join(sorted({_name(p.dtype) for p in net.parameters()}))
+
+
 def _named_tensors(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and buffers under every name they have, as the exported wrapper names them."""
     return {PREFIX + k: v for k, v in net.state_dict(keep_vars=True).items()}
@@ -158,6 +170,10 @@ def load(networks: list[torch.nn.Module], weights_dir: Path, device: torch.devic
         if lacking:
             raise ValueError(f"built for CPU instructions this CPU lacks: {lacking}")
         shape = tuple(json.loads(meta.get("cbctseg_input_shape", "[]")))
+        dtype = getattr(torch, meta.get("cbctseg_input_dtype", "float32"))
+        built_for = meta.get("cbctseg_weights", "float32")
+        if any(_weights_dtypes(net) != built_for for net in networks):
+            raise ValueError(f"built for {built_for} weights, the networks have {_weights_dtypes(networks[0])}")
         names = {n for n in runners[0].get_constant_fqns() if not n.startswith(FOLDED)}
         wrapped = []
         for i, (runner, net) in enumerate(zip(runners, networks)):
@@ -166,7 +182,7 @@ def load(networks: list[torch.nn.Module], weights_dir: Path, device: torch.devic
             if unknown or not names:
                 raise ValueError(f"the package's constants are not this network's parameters "
                                  f"({len(unknown)} of {len(names)} unknown, e.g. {sorted(unknown)[:2]})")
-            wrapped.append(AotNetwork(runner, net, shape, names, f"network {i}"))
+            wrapped.append(AotNetwork(runner, net, shape, dtype, names, f"network {i}"))
             wrapped[-1]._bind()
     except Exception as e:  # a package from another build must not stop prediction
         log.warning("AOT package %s not used: %s: %s", path, type(e).__name__, str(e)[:300])

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from . import aot_package
-from .device import autocast, device_tag, plans_tag, slug
+from .device import device_tag, plans_tag, slug
+from .precision import autocast, input_dtype
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def warm_up(networks: list[torch.nn.Module], patch: tuple[int, ...], device: tor
             batch_size: int = 1) -> float:
     """One forward pass per network on a window-shaped input, as the predictor runs it; returns seconds."""
     t0 = time.monotonic()
-    x = torch.randn((batch_size, 1, *patch), device=device)
+    x = torch.randn((batch_size, 1, *patch), device=device, dtype=input_dtype(device))
     for net in networks:
         with autocast(device):
             net(x)

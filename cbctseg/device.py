@@ -1,7 +1,6 @@
 """Device choice and what to say about it: GPU, driver, torch and CUDA versions, memory."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import platform
@@ -62,11 +61,6 @@ def free_memory(device: torch.device) -> int | None:
 
 def peak_memory_gb(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None
-
-
-def autocast(device: torch.device):
-    """How the networks run: fp16 autocast on a GPU, plain fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def slug(text: str) -> str:

@@ -11,6 +11,8 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from . import precision
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint_final.pth"
@@ -34,6 +36,7 @@ class Model:
     trainer_name: str
     mirror_axes: tuple[int, ...]
     networks: list[torch.nn.Module]
+    input_dtype: torch.dtype = torch.float32  # what preprocessing hands the networks (precision.input_dtype)
     compile_decision: dict | None = None  # set once, by the first case
 
     @property
@@ -73,7 +76,10 @@ def _load_json(path: Path) -> dict:
 
 def load_model(folder: Path, folds: list[str] | None = None, device: torch.device = torch.device("cpu"),
                expected_classes: int | None = None) -> Model:
-    """Load plans, dataset and each fold's network; checks that the folds agree with each other and the plans."""
+    """Load plans, dataset and each fold's network; checks that the folds agree with each other and the plans.
+
+    On a GPU the networks are stored as they compute there (`precision.prepare`: fp16 convolutions).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} does not exist")
@@ -121,11 +127,13 @@ def load_model(folder: Path, folds: list[str] | None = None, device: torch.devic
             net.load_state_dict(c["network_weights"])
         except (RuntimeError, KeyError) as e:
             raise ModelError(f"{folder}/fold_{f}: weights do not fit the plans' network ({_short(e)})") from e
-        networks.append(net.to(device).eval())
+        net = net.to(device).eval()
+        precision.prepare(net, device)
+        networks.append(net)
     log.info("model %s: configuration %s, trainer %s, folds %s, mirroring axes %s", folder, configuration_name,
              trainer_name, folds, mirror)
     return Model(folder, folds, plans_manager, configuration_name, configuration, dataset_json, trainer_name,
-                 tuple(mirror) if mirror is not None else (), networks)
+                 tuple(mirror) if mirror is not None else (), networks, precision.input_dtype(device))
 
 
 def _short(e: Exception) -> str:

@@ -18,7 +18,7 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from tqdm import tqdm
 
-from .device import autocast
+from .precision import autocast
 from .model import Model
 from .preprocess import Preprocessed, _call_with_device
 from .schedule import Budget, WorkItem, plan_work, sliding_windows

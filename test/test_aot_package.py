@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cbctseg import aot_package
+from cbctseg import aot_package, precision
 from cbctseg.compile_cache import maybe_compile
 from cbctseg.model import load_model
 from conftest import REPO, run_process
@@ -119,3 +119,13 @@ def test_compile_refuses_a_missing_model_folder(tmp_path):
     r = run_process("compile", "--aot", "--weights", str(tmp_path / "none"), "--device", "cpu")
     assert r.returncode == 2 and "does not exist" in r.stderr
     assert not (tmp_path / "none").exists()
+
+
+def test_a_package_for_other_weight_dtypes_is_not_used(packaged, caplog):
+    # a package's kernels are built for its weights' dtypes; on a GPU load_model stores convolutions in fp16
+    model = load_model(packaged)
+    for net in model.networks:
+        precision.store_convolutions_as(net, torch.bfloat16)
+    with caplog.at_level(logging.WARNING):
+        assert aot_package.load(model.networks, packaged, CPU) is None
+    assert "float32 weights" in caplog.text
