@@ -55,12 +55,15 @@ def _is_oom(e: BaseException) -> bool:
 
 
 class Accumulator:
-    """Gaussian-weighted sums of logits (fp16) and of weights (fp32) over a (padded) image."""
+    """Gaussian-weighted sums of logits (fp16) and of weights (fp32) over a (padded) image.
 
-    def __init__(self, num_classes: int, shape: tuple[int, ...], device: torch.device):
+    sum_weights=False: logits only; the owner keeps account of the weights (StreamedLabels).
+    """
+
+    def __init__(self, num_classes: int, shape: tuple[int, ...], device: torch.device, sum_weights: bool = True):
         self.shape = shape
         self.logits = torch.zeros((num_classes, *shape), dtype=torch.half, device=device)
-        self.weights = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.weights = torch.zeros(shape, dtype=torch.float32, device=device) if sum_weights else None
         self._w: tuple[torch.Tensor, ...] | None = None
 
     @property
@@ -73,7 +76,7 @@ class Accumulator:
 
         Flipping back and weighting go by channel chunks: no full-size temporary of the window's logits.
         """
-        w16, w32 = self._weight(weight)
+        w16, w32 = self.weight_on_device(weight)
         dims = [a + 1 for a in flip]
         for c0 in range(0, logits.shape[0], channels_per_chunk):
             try:
@@ -91,7 +94,8 @@ class Accumulator:
                 except RuntimeError:
                     # not an "out of memory" error: retrying this item would add its first chunks twice
                     raise RuntimeError("device memory exhausted while adding a window to the sums") from None
-        self.weights[window] += w32
+        if self.weights is not None:
+            self.weights[window] += w32
 
     def _add_channels(self, window, logits, c0: int, c1: int, dims: list[int], w16, w32) -> None:
         chunk = logits[c0:c1].to(self.device)
@@ -103,14 +107,15 @@ class Accumulator:
         else:
             target += chunk * w32
 
-    def _weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def weight_on_device(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The window weight in the sums' dtypes on their device, converted once per weight tensor."""
         if self._w is None or self._w[0] is not weight:
             self._w = (weight, weight.to(self.device, self.logits.dtype), weight.to(self.device, torch.float32))
         return self._w[1], self._w[2]
 
     def move_to(self, device: torch.device) -> None:
-        self.logits, self.weights, self._w = self.logits.to(device), self.weights.to(device), None
+        self.logits, self._w = self.logits.to(device), None
+        self.weights = self.weights.to(device) if self.weights is not None else None
 
     def average(self) -> torch.Tensor:
         """Logit sum divided by weight sum, in place (the accumulator is spent afterwards)."""
@@ -122,23 +127,26 @@ class Accumulator:
 class StreamedLabels:
     """Accumulates a band of slices on the device and emits finished label slices to the CPU.
 
-    Works in the padded network space; valid when the logits need no resampling before the argmax.
+    The band holds logit sums only. The weight sums are summed again, a few slices at a time, when slices are
+    finished, from the windows added so far, in the order they were added: the same fp32 sums a weight band
+    would hold, without keeping one (168 MB on the largest ToothFairy2 case). Works in the padded network
+    space; valid when the logits need no resampling before the argmax.
     """
 
     def __init__(self, num_classes: int, shape: tuple[int, ...], patch_z: int, device: torch.device):
         self.shape, self.num_classes, self.device = shape, num_classes, device
         self.labels = torch.zeros(shape, dtype=torch.uint8)
         self.z0 = 0  # first slice held in the band
-        self.band = Accumulator(num_classes, (min(patch_z, shape[0]), *shape[1:]), device)
+        self.band = Accumulator(num_classes, (min(patch_z, shape[0]), *shape[1:]), device, sum_weights=False)
+        self.added: list[tuple[tuple[slice, ...], torch.Tensor]] = []  # (window, weight) of every add, in order
 
     def _ensure(self, z_stop: int) -> None:
         """Grow the band so it reaches z_stop (only when windows are unevenly spaced)."""
         held = self.band.shape[0]
         if self.z0 + held >= z_stop:
             return
-        bigger = Accumulator(self.num_classes, (z_stop - self.z0, *self.shape[1:]), self.device)
+        bigger = Accumulator(self.num_classes, (z_stop - self.z0, *self.shape[1:]), self.device, sum_weights=False)
         bigger.logits[:, :held] = self.band.logits
-        bigger.weights[:held] = self.band.weights
         self.band = bigger
 
     def add(self, window: tuple[slice, ...], logits: torch.Tensor, weight: torch.Tensor,
@@ -148,18 +156,30 @@ class StreamedLabels:
         self._ensure(window[0].stop)
         local = (slice(window[0].start - self.z0, window[0].stop - self.z0), *window[1:])
         self.band.add(local, logits, weight, flip)
+        self.added.append((window, weight))
+
+    def weights(self, z_start: int, z_stop: int) -> torch.Tensor:
+        """The weight sums of slices [z_start, z_stop) (image coordinates), summed in the order windows were added."""
+        out = torch.zeros((z_stop - z_start, *self.shape[1:]), dtype=torch.float32, device=self.band.device)
+        for window, weight in self.added:
+            a, b = max(z_start, window[0].start), min(z_stop, window[0].stop)
+            if a < b:
+                w32 = self.band.weight_on_device(weight)[1]
+                out[(slice(a - z_start, b - z_start), *window[1:])] += w32[a - window[0].start:b - window[0].start]
+        return out
 
     def finish_before(self, z: int) -> None:
         """Every slice before z is final: argmax it to the CPU and drop it from the band."""
         n = min(z, self.z0 + self.band.shape[0]) - self.z0
         if n <= 0:
             return
-        if not bool((self.band.weights[:n] > 0).all()):
-            raise RuntimeError("some voxels were covered by no window")
         for a in range(0, n, 8):  # a few slices at a time keeps the fp32 temporaries small
             b = min(n, a + 8)
+            weights = self.weights(self.z0 + a, self.z0 + b)
+            if not bool((weights > 0).all()):
+                raise RuntimeError("some voxels were covered by no window")
             # the same fp16 rounding as Accumulator.average, so the argmax is the same
-            avg = (self.band.logits[:, a:b] / self.band.weights[a:b]).half()
+            avg = (self.band.logits[:, a:b] / weights).half()
             self.labels[self.z0 + a:self.z0 + b] = avg.argmax(0).to(torch.uint8).cpu()
         keep = self.band.shape[0] - n
         # shift the kept slices to the front in place, in chunks of at most n slices: a chunk's source then
@@ -167,10 +187,9 @@ class StreamedLabels:
         for a in range(0, keep, min(n, 16)):
             b = min(keep, a + min(n, 16))
             self.band.logits[:, a:b] = self.band.logits[:, a + n:b + n]
-            self.band.weights[a:b] = self.band.weights[a + n:b + n]
         self.band.logits[:, keep:] = 0
-        self.band.weights[keep:] = 0
         self.z0 += n
+        self.added = [(w, g) for w, g in self.added if w[0].stop > self.z0]
 
     def result(self) -> torch.Tensor:
         self.finish_before(self.shape[0])

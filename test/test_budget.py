@@ -12,7 +12,7 @@ import torch
 from cbctseg import gc_io
 from cbctseg.model import load_model
 from cbctseg.phantom import PhantomSpec, make_phantom_arrays
-from cbctseg.predictor import Accumulation, StreamedLabels, finalize, predict
+from cbctseg.predictor import Accumulation, Accumulator, StreamedLabels, finalize, predict
 from cbctseg.preprocess import preprocess
 from cbctseg.run import predict_case
 from cbctseg.schedule import Budget, plan_work, sliding_windows
@@ -145,15 +145,25 @@ def test_out_of_memory_mid_case_loses_no_finished_work(weights):
 
 
 @pytest.mark.parametrize("n", [3, 8, 20, 39])
-def test_finished_slices_leave_the_band_and_the_rest_moves_to_its_front(n):
-    # the band shifts in place in chunks (no copy of the kept slices): shifts smaller and larger than a chunk
-    band = StreamedLabels(4, (60, 5, 6), 40, CPU)
+def test_streamed_labels_are_the_whole_volume_sums_argmax_bit_for_bit(n):
+    # the band keeps logit sums only and sums the weights again when slices finish; the band shifts in place
+    # in chunks (no copy of the kept slices): shifts smaller and larger than a chunk
+    shape, patch, classes = (n + 40, 5, 6), (40, 5, 4), 4
     g = torch.Generator().manual_seed(n)
-    band.band.logits.copy_(torch.randn(band.band.logits.shape, generator=g).half())
-    band.band.weights.copy_(torch.rand(band.band.weights.shape, generator=g) + 0.1)
-    logits, weights = band.band.logits.clone(), band.band.weights.clone()
-    band.finish_before(n)
-    keep = 40 - n
-    assert torch.equal(band.band.logits[:, :keep], logits[:, n:]) and torch.equal(band.band.weights[:keep], weights[n:])
-    assert not band.band.logits[:, keep:].any() and not band.band.weights[keep:].any() and band.z0 == n
-    assert torch.equal(band.labels[:n], (logits[:, :n] / weights[:n]).half().argmax(0).to(torch.uint8))
+    weight = torch.rand(patch, generator=g) + 0.1
+    streamed = StreamedLabels(classes, shape, patch[0], CPU)
+    whole = Accumulator(classes, shape, CPU)
+    for z in (0, n):
+        for x, flip in ((0, ()), (2, (1,)), (2, ())):
+            window = (slice(z, z + 40), slice(0, 5), slice(x, x + 4))
+            logits = torch.randn((classes, *patch), generator=g).half()
+            streamed.add(window, logits, weight, flip)
+            whole.add(window, logits, weight, flip)
+        if z == 0:
+            streamed.finish_before(n)
+            keep = 40 - n
+            assert streamed.z0 == n and torch.equal(streamed.band.logits[:, :keep], whole.logits[:, n:40])
+            assert not streamed.band.logits[:, keep:].any()
+            assert all(w[0].stop > n for w, _ in streamed.added)
+    labels = streamed.result()
+    assert torch.equal(labels, whole.average().argmax(0).to(torch.uint8))
