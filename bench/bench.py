@@ -290,18 +290,16 @@ def bench_shape(shape, image: np.ndarray, ours, nnunet, weights: Path, device: t
             model = ours["model"]
             for net in ours["eager"]:
                 net.to(device)
-            decision = None
-            if args.compile != "off":
-                # aot: the package the run built beside the weights (used whenever present)
-                force = None if args.compile == "auto" else True
-                nets, decision = maybe_compile(ours["eager"], device, weights, passes, BUDGET_S, force=force)
-                if args.compile == "aot" and decision.get("kind") != "aot":
-                    raise RuntimeError(f"--compile aot, but the package was not used: {decision}")
-                if decision["compile"] and decision.get("kind") != "aot":
-                    # one compiled wrapper per network for the whole run: a new wrapper per shape would compile
-                    # again inside the timed run of a shape that gets no warm-up of its own
-                    nets = ours.setdefault("compiled", nets)
-                model.networks = nets
+            # as process.py runs them: eager networks run lean; aot: the package the run built beside the weights
+            force = {"auto": None, "off": False}.get(args.compile, True)
+            nets, decision = maybe_compile(ours["eager"], device, weights, passes, BUDGET_S, force=force)
+            if args.compile == "aot" and decision.get("kind") != "aot":
+                raise RuntimeError(f"--compile aot, but the package was not used: {decision}")
+            if decision["compile"] and decision.get("kind") != "aot":
+                # one compiled wrapper per network for the whole run: a new wrapper per shape would compile
+                # again inside the timed run of a shape that gets no warm-up of its own
+                nets = ours.setdefault("compiled", nets)
+            model.networks = nets
             run = lambda m=model: run_ours(m, image, spacing, device, args)  # noqa: E731
         else:
             # package runners hold the parameters they were bound to: drop them, or the GPU keeps our weights

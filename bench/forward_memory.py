@@ -10,76 +10,27 @@ replacement: on an H100 the eager pass of nnU-Net's forward measured 7.95 GB abo
     python bench/forward_memory.py [--configuration C] [--variants fp32-weights,fp16-weights] [--out FILE]
 
 Variants: fp32-weights (the networks as nnU-Net stores them, fp32 input), fp16-weights (as load_model stores
-them on a GPU: `precision.prepare`, fp16 input).
+them on a GPU: `precision.prepare`, fp16 input), fp16-weights-lean (and run by `lean_forward`, as the engine
+runs an eager network).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-import weakref
 from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_model import TF2_CONFIGURATION, TF2_DATASET, TF2_PLANS, build_network, plans_with  # noqa: E402
 
-from cbctseg import precision  # noqa: E402
+from cbctseg import lean_forward, precision  # noqa: E402
+from cbctseg.live_memory import LiveBytes, cuda_autocast_without_a_gpu  # noqa: E402
 
-VARIANTS = ("fp32-weights", "fp16-weights")
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensor storages alive, their peak, and the operator that reached it."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.now = self.peak = 0
-        self.peak_op = ""
-
-    def track(self, t: torch.Tensor, op: str = "") -> None:
-        s = t.untyped_storage()
-        key = s._cdata
-        if key in self.live:
-            return
-        self.live[key] = s.nbytes()
-        self.now += s.nbytes()
-        weakref.finalize(s, self._free, key)
-        if self.now > self.peak:
-            self.peak, self.peak_op = self.now, op
-
-    def _free(self, key: int) -> None:
-        self.now -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.track(t, str(func.overloadpacket.__name__))
-        return out
-
-
-@contextlib.contextmanager
-def cuda_autocast():
-    """CUDA autocast without a GPU: torch.autocast refuses, but the dispatch key works on fake CUDA tensors."""
-    before = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-    torch.set_autocast_enabled("cuda", True)
-    torch.set_autocast_dtype("cuda", torch.float16)
-    torch.autocast_increment_nesting()
-    try:
-        yield
-    finally:
-        if torch.autocast_decrement_nesting() == 0:
-            torch.clear_autocast_cache()
-        torch.set_autocast_enabled("cuda", before[0])
-        torch.set_autocast_dtype("cuda", before[1])
+VARIANTS = ("fp32-weights", "fp16-weights", "fp16-weights-lean")
 
 
 def measure(variant: str, configuration: str = TF2_CONFIGURATION, batch_size: int = 1) -> dict:
@@ -90,9 +41,11 @@ def measure(variant: str, configuration: str = TF2_CONFIGURATION, batch_size: in
     device = torch.device("cuda")
     with FakeTensorMode(), device:
         net = build_network(plans, dataset, configuration).eval()
-        if variant == "fp16-weights":
+        fp16 = variant.startswith("fp16-weights")
+        if fp16:
             precision.store_convolutions_as(net, torch.float16)
-        dtype = torch.float16 if variant == "fp16-weights" else torch.float32
+        run = lean_forward.lean(net) if variant.endswith("-lean") else net
+        dtype = torch.float16 if fp16 else torch.float32
         x = torch.empty((batch_size, 1, *patch), dtype=dtype)
         tracker = LiveBytes()
         for p in net.parameters():
@@ -100,8 +53,8 @@ def measure(variant: str, configuration: str = TF2_CONFIGURATION, batch_size: in
         weights = tracker.now
         tracker.track(x, "input")
         before = tracker.now
-        with torch.inference_mode(), tracker, cuda_autocast():
-            y = net(x)
+        with torch.inference_mode(), tracker, cuda_autocast_without_a_gpu():
+            y = run(x)
         out_bytes = y.untyped_storage().nbytes()
     return {"variant": variant, "configuration": configuration, "patch": list(patch), "batch_size": batch_size,
             "weights_gb": round(weights / 1e9, 3), "input_gb": round((before - weights) / 1e9, 3),

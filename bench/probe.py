@@ -7,7 +7,7 @@ cut short keeps what it measured.
     python bench/probe.py --out /tmp/p --device cpu --configuration 3d_fullres_torchres_tiny \
         --largest 96x160x160 --median 64x100x110      # a smoke run of the script itself
 
-Steps: forward (eager, batch 1 and 2, cudnn.benchmark on and off), layout (channels_last_3d, eager and
+Steps: forward (eager, batch 1 and 2, cudnn.benchmark on and off, fp32 weights, lean), layout (channels_last_3d, eager and
 compiled), compile (torch.compile default, max-autotune-no-cudagraphs, reduce-overhead = CUDA graphs),
 aot (AOT package: build time, load time, forward; --aot-max-autotune also builds one with max_autotune),
 engine (largest case through the engine: streamed and whole-volume sums), agreement (median case against
@@ -32,7 +32,7 @@ from bench import (BENCH, agreement_of, load_nnunet, load_ours, peak_gb, phantom
                    sync)
 from make_model import TF2_CONFIGURATION, TF2_DATASET, TF2_PLANS, build_network, make_model_folder, plans_with
 
-from cbctseg import precision
+from cbctseg import lean_forward, precision
 from cbctseg.precision import autocast
 
 T0 = time.monotonic()
@@ -140,6 +140,10 @@ def main() -> int:
         note("eager_b1_fp32_weights", timed_forward(fp32[0], x1_fp32))
         with torch.inference_mode(), autocast(dev):
             note("eager_fp32_weights_max_diff", max_diff(fp32[0](x1_fp32), ref))
+        lean = lean_forward.lean(nets[0])  # how the engine runs an uncompiled network
+        note("eager_b1_lean", timed_forward(lean, x1))
+        with torch.inference_mode(), autocast(dev):
+            note("eager_lean_max_diff", max_diff(lean(x1), ref))
         note("eager_b2", timed_forward(nets[0], x2))
         torch.backends.cudnn.benchmark = False
         attempt("eager_b1_no_cudnn_benchmark", lambda: note("eager_b1_no_cudnn_benchmark", timed_forward(nets[0], x1)))

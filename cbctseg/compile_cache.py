@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import aot_package
+from . import aot_package, lean_forward
 from .device import device_tag, plans_tag, slug
 from .precision import autocast, input_dtype
 
@@ -120,11 +120,17 @@ def c_compiler() -> str | None:
     return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
 
 
+def _eager(networks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """How uncompiled networks run: lean (a compiled graph frees each buffer after its last use by itself)."""
+    return [lean_forward.lean(n) for n in networks]
+
+
 def maybe_compile(networks: list[torch.nn.Module], device: torch.device, weights_dir: Path, expected_passes: int,
                   budget_s: float | None, eager_s_per_pass: float | None = None, force: bool | None = None,
                   costs: Costs = Costs(), batch_size: int = 1, aot: bool = True
                   ) -> tuple[list[torch.nn.Module], dict]:
-    """The networks, compiled when that pays, and the decision (`force`: True always compiles, False never).
+    """The networks as they will run, compiled when that pays, and the decision (`force`: True always compiles,
+    False never). Uncompiled, they run lean (`lean_forward`).
 
     An AOT package for this device and batch size beside the weights is used whenever it exists (it costs no
     warm-up, so it always pays); otherwise torch.compile when `decide` says so. torch.compile is lazy: the
@@ -141,7 +147,7 @@ def maybe_compile(networks: list[torch.nn.Module], device: torch.device, weights
         # Triton builds its kernel launcher with the system's C compiler at the first compiled call; a slim
         # image has none, and the case would fail there instead of running eager
         log.warning("no C compiler (CC, cc, gcc or clang): torch.compile cannot run here; staying eager")
-        return networks, {"kind": "torch.compile", "compile": False, "device": device.type,
+        return _eager(networks), {"kind": "torch.compile", "compile": False, "device": device.type,
                           "expected_passes": expected_passes,
                           "reason": "no C compiler for Triton: eager (an AOT package needs none)"}
     cached = device.type == "cuda" and cache_path(weights_dir, device).is_file()
@@ -150,7 +156,7 @@ def maybe_compile(networks: list[torch.nn.Module], device: torch.device, weights
     if force is not None:
         decision = {**decision, "compile": force, "reason": f"forced ({'on' if force else 'off'})"}
     if not decision["compile"]:
-        return networks, decision
+        return _eager(networks), decision
     decision["cache_loaded"] = load_cache(weights_dir, device) if cached else False
     # dynamic=False: every window has the patch's shape; a dynamic graph would be slower
     return [torch.compile(n, dynamic=False) for n in networks], decision

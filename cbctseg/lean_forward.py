@@ -1,0 +1,112 @@
+"""nnU-Net's U-Net forward pass, run so that each decoder activation is freed as soon as it has been used.
+
+nnU-Net's decoder keeps every skip connection until the whole decoder has run and holds a concatenation's
+two inputs beside it, and every block keeps its input while its submodules run. At full resolution (32
+channels of 160x320x320 in fp16 are 1.05 GB each in the ToothFairy2 network) that makes the peak of an eager
+pass. Here the same modules run in the same order with the same arithmetic (the answer is the same bit for
+bit), but:
+
+- the skip connection is copied into the concatenation's buffer and released before the upsampled tensor
+  exists, and the upsampled tensor is released once copied;
+- blocks run one module at a time, so each input is released as soon as its output exists, and a residual
+  block releases its first convolution's output once the second has read it.
+
+Eager only: a compiled graph (torch.compile, AOT package) already frees each buffer after its last use.
+Networks of another structure (deep supervision, other decoders) run as they are.
+"""
+from __future__ import annotations
+
+import torch
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD, StackedResidualBlocks
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU, StackedConvBlocks
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+
+
+def _chain(m: torch.nn.Module) -> list[torch.nn.Module] | None:
+    """The modules m applies one after the other (its forward is exactly that chain), or None for any other m."""
+    if type(m) is torch.nn.Sequential:
+        return list(m)
+    inner = {StackedConvBlocks: "convs", ConvDropoutNormReLU: "all_modules", StackedResidualBlocks: "blocks"}
+    return [getattr(m, inner[type(m)])] if type(m) in inner else None
+
+
+def _run(m: torch.nn.Module, held: list[torch.Tensor]) -> torch.Tensor:
+    """m applied to the tensor popped from `held`: the caller keeps no reference, so each input is released
+    as soon as the module that reads it has run."""
+    chain = _chain(m)
+    if chain is not None:
+        for child in chain:
+            held.append(_run(child, held))
+        return held.pop()
+    if type(m) is BasicBlockD:
+        return _residual_block(m, held)
+    return m(held.pop())
+
+
+def _residual_block(block: BasicBlockD, held: list[torch.Tensor]) -> torch.Tensor:
+    """BasicBlockD.forward, step by step: the first convolution's output is released once the second has read it."""
+    x = held.pop()
+    residual = block.skip(x)
+    held.append(x)
+    del x
+    for conv in (block.conv1, block.conv2):
+        held.append(_run(conv, held))
+    out = held.pop()
+    if block.apply_stochastic_depth:
+        out = block.drop_path(out)
+    if block.apply_se:
+        out = block.squeeze_excitation(out)
+    out += residual
+    del residual
+    return block.nonlin2(out)
+
+
+def supported(net: torch.nn.Module) -> bool:
+    """Whether net is a U-Net this module knows how to run: nnU-Net's encoders returning skips, its decoder."""
+    enc, dec = getattr(net, "encoder", None), getattr(net, "decoder", None)
+    return (type(enc) in (ResidualEncoder, PlainConvEncoder) and enc.return_skips and type(dec) is UNetDecoder
+            and not dec.deep_supervision and len(dec.stages) == len(dec.transpconvs))
+
+
+class LeanUNet(torch.nn.Module):
+    """A fold's network run lean; `net` is the network itself (its weights, unchanged)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enc, dec = self.net.encoder, self.net.decoder
+        held = [x]  # the caller still holds the input window
+        if getattr(enc, "stem", None) is not None:
+            held.append(_run(enc.stem, held))
+        skips = []
+        for stage in enc.stages:
+            held.append(_run(stage, held))
+            skips.append(held[-1])  # every stage's output is a skip connection
+        held.clear()
+        lres = skips.pop()
+        for s, stage in enumerate(dec.stages):
+            skip = skips.pop()
+            up_channels = dec.transpconvs[s].out_channels
+            cat = skip.new_empty((skip.shape[0], up_channels + skip.shape[1], *skip.shape[2:]))
+            cat[:, up_channels:] = skip
+            del skip
+            up = dec.transpconvs[s](lres)
+            del lres
+            if up.dtype != cat.dtype or up.shape[2:] != cat.shape[2:]:
+                cat = torch.cat((up, cat[:, up_channels:]), 1)  # what nnU-Net does: never expected here
+            else:
+                cat[:, :up_channels] = up
+            del up
+            held.append(cat)
+            del cat
+            lres = _run(stage, held)
+        return dec.seg_layers[-1](lres)
+
+
+def lean(net: torch.nn.Module) -> torch.nn.Module:
+    """net wrapped to run its decoder lean, or net itself where its structure is not nnU-Net's U-Net."""
+    return LeanUNet(net) if supported(net) else net

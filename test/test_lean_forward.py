@@ -1,0 +1,81 @@
+"""The lean forward pass: nnU-Net's answer bit for bit, with fewer bytes alive at its peak."""
+from __future__ import annotations
+
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+from cbctseg import lean_forward
+from cbctseg.compile_cache import maybe_compile
+from cbctseg.live_memory import LiveBytes
+from cbctseg.model import load_model
+
+CPU = torch.device("cpu")
+NORM = {"norm_op": torch.nn.InstanceNorm3d, "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "nonlin": torch.nn.LeakyReLU, "nonlin_kwargs": {"inplace": True}}
+
+
+def _networks(weights) -> dict[str, tuple[torch.nn.Module, tuple[int, ...]]]:
+    """The bundled residual encoder U-Net and nnU-Net's plain one, random weights (norms included)."""
+    model = load_model(weights)
+    torch.manual_seed(0)
+    plain = PlainConvUNet(1, 4, (8, 16, 32, 32), torch.nn.Conv3d, 3, (1, 2, 2, 2), (2, 2, 2, 2), 5, (2, 2, 1),
+                          conv_bias=True, **NORM).eval()
+    residual = ResidualEncoderUNet(1, 3, (8, 16, 32), torch.nn.Conv3d, 3, (1, 2, 2), (1, 2, 3), 5, (1, 1),
+                                   conv_bias=True, **NORM).eval()
+    for net in (plain, residual):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0.0, 0.3)  # affine norms away from 1 and 0, so that every parameter matters
+    return {"bundled": (model.networks[0], model.patch_size), "plain": (plain, (16, 32, 32)),
+            "residual": (residual, (16, 32, 32))}
+
+
+@pytest.fixture(scope="module")
+def networks(weights):
+    return _networks(weights)
+
+
+@pytest.mark.parametrize("name", ["bundled", "plain", "residual"])
+def test_the_lean_pass_answers_as_nnunets_forward_bit_for_bit(networks, name):
+    net, patch = networks[name]
+    lean = lean_forward.lean(net)
+    assert isinstance(lean, lean_forward.LeanUNet)
+    x = torch.randn((2, 1, *patch), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(lean(x), net(x))
+
+
+def _peak(run, x) -> int:
+    tracker = LiveBytes()
+    tracker.track(x)
+    with torch.inference_mode(), tracker:
+        y = run(x)
+    del y
+    return tracker.peak
+
+
+@pytest.mark.parametrize("name", ["bundled", "plain"])
+def test_the_lean_pass_holds_fewer_bytes_at_its_peak(networks, name):
+    net, patch = networks[name]
+    x = torch.randn((1, 1, *patch))
+    full, lean = _peak(net, x), _peak(lean_forward.lean(net), x)
+    # one full-resolution activation is the unit: nnU-Net's decoder holds about two more of them at its peak
+    first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d)).out_channels
+    activation = first * x[0, 0].numel() * x.element_size()
+    assert full - lean >= activation, (full, lean, activation)
+
+
+def test_other_networks_run_as_they_are():
+    net = PlainConvUNet(1, 3, (8, 16, 32), torch.nn.Conv3d, 3, (1, 2, 2), (2, 2, 2), 5, (2, 2), conv_bias=True,
+                        deep_supervision=True, **NORM)
+    assert lean_forward.lean(net) is net
+    conv = torch.nn.Conv3d(1, 2, 3)
+    assert lean_forward.lean(conv) is conv
+
+
+def test_eager_networks_are_run_lean_and_compiled_ones_are_not(weights):
+    model = load_model(weights)
+    nets, decision = maybe_compile(model.networks, CPU, weights, 64, None)
+    assert decision["compile"] is False
+    assert all(isinstance(n, lean_forward.LeanUNet) and n.net is m for n, m in zip(nets, model.networks))
