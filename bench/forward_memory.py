@@ -41,11 +41,11 @@ def measure(variant: str, configuration: str = TF2_CONFIGURATION, batch_size: in
     device = torch.device("cuda")
     with FakeTensorMode(), device:
         net = build_network(plans, dataset, configuration).eval()
-        fp16 = variant.startswith("fp16-weights")
-        if fp16:
-            precision.store_convolutions_as(net, torch.float16)
+        as_loaded = variant.startswith("fp16-weights")  # what load_model does on a GPU
+        if as_loaded:
+            precision.prepare(net, device)
         run = lean_forward.lean(net) if variant.endswith("-lean") else net
-        dtype = torch.float16 if fp16 else torch.float32
+        dtype = precision.input_dtype(device) if as_loaded else torch.float32
         x = torch.empty((batch_size, 1, *patch), dtype=dtype)
         tracker = LiveBytes()
         for p in net.parameters():

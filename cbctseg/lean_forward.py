@@ -1,4 +1,4 @@
-"""nnU-Net's U-Net forward pass, run so that each decoder activation is freed as soon as it has been used.
+"""nnU-Net's U-Net forward pass, run so that each activation is freed as soon as it has been used.
 
 nnU-Net's decoder keeps every skip connection until the whole decoder has run and holds a concatenation's
 two inputs beside it, and every block keeps its input while its submodules run. At full resolution (32
@@ -37,12 +37,17 @@ def _run(m: torch.nn.Module, held: list[torch.Tensor]) -> torch.Tensor:
     as soon as the module that reads it has run."""
     chain = _chain(m)
     if chain is not None:
-        for child in chain:
-            held.append(_run(child, held))
-        return held.pop()
+        return _run_chain(chain, held)
     if type(m) is BasicBlockD:
         return _residual_block(m, held)
     return m(held.pop())
+
+
+def _run_chain(modules: list[torch.nn.Module], held: list[torch.Tensor]) -> torch.Tensor:
+    """modules applied in turn to the tensor popped from `held`, each output replacing its input there."""
+    for m in modules:
+        held.append(_run(m, held))
+    return held.pop()
 
 
 def _residual_block(block: BasicBlockD, held: list[torch.Tensor]) -> torch.Tensor:
@@ -51,9 +56,7 @@ def _residual_block(block: BasicBlockD, held: list[torch.Tensor]) -> torch.Tenso
     residual = block.skip(x)
     held.append(x)
     del x
-    for conv in (block.conv1, block.conv2):
-        held.append(_run(conv, held))
-    out = held.pop()
+    out = _run_chain([block.conv1, block.conv2], held)
     if block.apply_stochastic_depth:
         out = block.drop_path(out)
     if block.apply_se:
@@ -108,5 +111,5 @@ class LeanUNet(torch.nn.Module):
 
 
 def lean(net: torch.nn.Module) -> torch.nn.Module:
-    """net wrapped to run its decoder lean, or net itself where its structure is not nnU-Net's U-Net."""
+    """net wrapped to run lean, or net itself where its structure is not nnU-Net's U-Net."""
     return LeanUNet(net) if supported(net) else net

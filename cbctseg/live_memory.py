@@ -13,6 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .precision import autocast_dtype
+
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the tensor storages alive, their peak, and the operator that reached it."""
@@ -50,7 +52,7 @@ def cuda_autocast_without_a_gpu():
     """CUDA autocast without a GPU: torch.autocast refuses, but the dispatch key works on fake CUDA tensors."""
     before = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
     torch.set_autocast_enabled("cuda", True)
-    torch.set_autocast_dtype("cuda", torch.float16)
+    torch.set_autocast_dtype("cuda", autocast_dtype(torch.device("cuda")))
     torch.autocast_increment_nesting()
     try:
         yield

@@ -35,13 +35,13 @@ def store_convolutions_as(net: torch.nn.Module, dtype: torch.dtype) -> int:
     Only correct when the network then runs under autocast to dtype (which casts them anyway) and its input
     reaches a convolution first: nnU-Net's encoders all start with one. Normalisation keeps fp32 parameters.
     """
-    saved, size = 0, torch.empty((), dtype=dtype).element_size()
+    saved = 0
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, torch.nn.modules.conv._ConvNd):
                 for p in module.parameters(recurse=False):
                     if p.dtype != dtype:
-                        saved += p.numel() * (p.element_size() - size)
+                        saved += p.numel() * (p.element_size() - dtype.itemsize)
                         # as Module.to does for plain tensors; also works on fake tensors (bench/forward_memory.py)
                         p.data = p.data.to(dtype)
     return saved
