@@ -44,6 +44,7 @@ os.environ.setdefault("nnUNet_compile", "f")
 
 import torch  # noqa: E402
 
+import forward_flops  # noqa: E402
 from make_model import TF2_CONFIGURATION, TF2_DATASET, TF2_PLANS, make_model_folder  # noqa: E402
 
 MEDIAN, LARGEST = "169x347x371", "298x512x512"
@@ -129,15 +130,25 @@ def expected_passes(patch: tuple[int, ...], n_models: int, mirror_axes: tuple[in
     return windows, windows * n_models * len(flip_combinations(tuple(mirror_axes)))
 
 
+def _checkpoint(weights: Path, fold: str) -> dict:
+    return torch.load(weights / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", mmap=True,
+                      weights_only=False)
+
+
 def model_geometry(weights: Path, folds: list[str]) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
     """(patch, number of models, mirror axes) of a model folder, without building its networks."""
-    ckpt = torch.load(weights / f"fold_{folds[0]}" / "checkpoint_final.pth", map_location="cpu", mmap=True,
-                      weights_only=False)
+    ckpt = _checkpoint(weights, folds[0])
     plans = json.loads((weights / "plans.json").read_text())
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     patch = PlansManager(plans).get_configuration(ckpt["init_args"]["configuration"]).patch_size
     return tuple(patch), len(folds), tuple(ckpt.get("inference_allowed_mirroring_axes") or ())
+
+
+def forward_tflop(weights: Path, folds: list[str]) -> float:
+    """Flops of one forward pass of a window (forward_flops.py), for the arithmetic rate a pass time stands for."""
+    configuration = _checkpoint(weights, folds[0])["init_args"]["configuration"]
+    return forward_flops.count(configuration, 1, weights / "plans.json", weights / "dataset.json")["tflop_per_pass"]
 
 
 # ---------------------------------------------------------------- our engine
@@ -328,6 +339,9 @@ def bench_shape(shape, image: np.ndarray, ours, nnunet, weights: Path, device: t
         load = ours["load_s"] if engine == "ours" else nnunet["load_s"]
         case[engine] = {"load_s": load, **median_of(runs), "warmup_run_s": warmup_s,
                         **max(peaks, key=lambda p: p["peak_gpu_gb"] or 0), "runs": runs, **info}
+        # the sliding window's arithmetic rate: how far its passes are from what the GPU could compute
+        case[engine]["sliding_window_tflops"] = forward_flops.achieved_tflops(passes * args.tflop,
+                                                                              case[engine]["sliding_window"])
         if engine == "ours":
             case[engine]["compile"] = decision
         print(f"  {engine:6s} {shape_name(shape)}: end to end {case[engine]['end_to_end']:.2f} s "
@@ -499,6 +513,7 @@ def run_bench(args) -> dict:
                                     tuple(int(f) for f in args.folds), fit_steps=args.fit_steps, device=device)
         print(f"model folder {weights} ({time.perf_counter() - t0:.1f} s)", flush=True)
     env = environment(device)
+    args.tflop = forward_tflop(weights, args.folds)
     result = {"schema": 1, "date": dt.datetime.now().isoformat(timespec="seconds"), "environment": env,
               "complete": False,
               "settings": {"weights": json.loads((weights / "provenance.json").read_text())["weights"]
@@ -506,7 +521,8 @@ def run_bench(args) -> dict:
                            "configuration": args.configuration if args.weights is None else None,
                            "folds": args.folds, "step": args.step, "mirroring": "from the checkpoints",
                            "repeats": args.repeats, "compile": args.compile, "batch_size": args.batch_size,
-                           "accumulate": args.accumulate, "spacing_mm": args.spacing, "engines": args.engines},
+                           "accumulate": args.accumulate, "spacing_mm": args.spacing, "engines": args.engines,
+                           "tflop_per_pass": args.tflop},
               "cold_start": {}, "cases": []}
     print(f"environment: {json.dumps(env)}", flush=True)
     # cold starts first, before this process holds GPU memory of its own

@@ -10,6 +10,8 @@ cut short keeps what it measured.
 Steps: forward (eager, batch 1 and 2, cudnn.benchmark on and off, fp32 weights, lean), layout
 (channels_last_3d, eager and compiled), compile (torch.compile default, max-autotune-no-cudagraphs, reduce-overhead = CUDA graphs),
 aot (AOT package: build time, load time, forward; --aot-max-autotune also builds one with max_autotune),
+profile (where one pass's time goes: the GPU's kernels by kind and the slowest kernels, for the eager, the
+compiled and the channels_last_3d compiled pass, with the pass's flops from forward_flops.py as TFLOP/s),
 engine (largest case through the engine: streamed and whole-volume sums), agreement (median case against
 nnUNetPredictor), cold (cold starts: eager, torch.compile with the portable cache, AOT package).
 
@@ -31,6 +33,7 @@ import bench  # noqa: F401  (environment variables for nnU-Net, sys.path)
 import torch
 from bench import (BENCH, agreement_of, load_nnunet, load_ours, peak_gb, phantom, reset_peak, run_nnunet, run_ours,
                    sync)
+from forward_flops import achieved_tflops, count
 from make_model import TF2_CONFIGURATION, TF2_DATASET, TF2_PLANS, build_network, make_model_folder, plans_with
 
 from cbctseg import lean_forward, precision
@@ -38,7 +41,7 @@ from cbctseg.precision import autocast
 
 T0 = time.monotonic()
 RESULTS: dict = {}
-STEPS = ("forward", "layout", "compile", "aot", "engine", "agreement", "cold")
+STEPS = ("forward", "layout", "compile", "profile", "aot", "engine", "agreement", "cold")
 OUT: Path | None = None
 
 
@@ -78,6 +81,51 @@ def first_call(net, x) -> float:
     return round(time.perf_counter() - t, 2)
 
 
+
+
+def _kernel_kind(name: str) -> str:
+    n = name.lower()
+    if n.startswith("triton"):
+        return "triton (fused normalisation, activation, adds)"
+    if any(k in n for k in ("conv", "xmma", "implicit", "cudnn", "cutlass", "sm90_", "sm80_", "wgrad", "dgrad")):
+        return "convolution (cuDNN)"
+    if any(k in n for k in ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "cat")):
+        return "layout and copies"
+    if any(k in n for k in ("norm", "reduce", "welford")):
+        return "normalisation (eager)"
+    if "elementwise" in n or "vectorized" in n:
+        return "elementwise (eager)"
+    return "other"
+
+
+def profile_pass(net, x, tflop: float, passes: int = 3) -> dict:
+    """Where a forward pass's time goes: kernel time by kind and the ten slowest kernels, per pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = x.device.type == "cuda"
+    with torch.inference_mode(), autocast(x.device):
+        for _ in range(2):
+            net(x)
+        sync(x.device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        t = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for _ in range(passes):
+                net(x)
+            sync(x.device)
+        wall = (time.perf_counter() - t) / passes
+    kernels = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / passes,
+                e.count // passes) for e in prof.key_averages()]
+    kernels = [k for k in kernels if k[1] > 0 and (cuda or k[0].startswith("aten::"))]
+    by_kind: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        by_kind[_kernel_kind(name)] = by_kind.get(_kernel_kind(name), 0.0) + ms
+    busy = sum(by_kind.values())
+    top = sorted(kernels, key=lambda k: -k[1])[:10]
+    return {"wall_ms_per_pass_profiled": round(wall * 1e3, 1), "kernel_ms_per_pass": round(busy, 1),
+            "tflops_over_kernel_time": achieved_tflops(tflop, busy / 1e3) if busy else None,
+            "ms_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "slowest": [{"kernel": name[:120], "ms": round(ms, 2), "calls": calls} for name, ms, calls in top]}
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -149,8 +197,10 @@ def main() -> int:
         attempt("eager_b1_no_cudnn_benchmark", lambda: note("eager_b1_no_cudnn_benchmark", timed_forward(nets[0], x1)))
         torch.backends.cudnn.benchmark = True
 
+    cl_compiled = None
     if "layout" in steps and left() > 120:
         def layout():
+            nonlocal cl_compiled
             cl = build_network(plans, dataset, conf).to(dev).eval()
             cl.load_state_dict(nets[0].state_dict())
             precision.prepare(cl, dev)
@@ -163,6 +213,7 @@ def main() -> int:
                 c = torch.compile(cl, dynamic=False)
                 note("compiled_channels_last_first_call_s", first_call(c, xcl))
                 note("compiled_channels_last_b1", timed_forward(c, xcl))
+                cl_compiled = (c, xcl)
         attempt("layout", layout)
 
     c0 = None
@@ -186,6 +237,19 @@ def main() -> int:
                 with torch.inference_mode(), autocast(dev):
                     note(f"compiled_{mode}_max_diff", max_diff(c(x1).clone(), ref))
             attempt(f"compile_{mode}", moded)
+
+    if "profile" in steps and left() > 90:
+
+        flops = count(conf)
+        note("tflop_per_pass", flops["tflop_per_pass"])
+        note("tflop_by_stage", flops["tflop_by_stage"])
+        variants = [("eager", nets[0], x1), ("compiled", c0, x1)]
+        if cl_compiled is not None:
+            variants.append(("compiled_channels_last", *cl_compiled))
+        for name, net, x in variants:
+            if net is not None and left() > 60:
+                attempt(f"profile_{name}", lambda net=net, x=x, name=name:
+                        note(f"profile_{name}", profile_pass(net, x, flops["tflop_per_pass"])))
 
     weights = make_model_folder(a.out / "probe_model" if dev.type == "cpu" else Path("/tmp/probe_model"),
                                 configuration=conf)
@@ -281,6 +345,9 @@ def main() -> int:
                                             **{k: round(v, 2) for k, v in child.items() if k.endswith("_s")}})
             else:
                 note(f"cold_start_{mode}_error", r.stderr[-1500:])
+    if "tflop_per_pass" in RESULTS:  # every timed forward pass as an arithmetic rate
+        note("tflops_per_window", {k: achieved_tflops(RESULTS["tflop_per_pass"], v["per_window_s"])
+                                   for k, v in RESULTS.items() if isinstance(v, dict) and v.get("per_window_s")})
     note("done_s", round(time.monotonic() - T0, 1))
     return 0
 
