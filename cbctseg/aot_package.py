@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .device import cpu_lacks, device_tag, plans_tag, slug
-from .precision import autocast, input_dtype
+from .precision import autocast, input_dtype, layout_of
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,11 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def _weights_dtypes(net: torch.nn.Module) -> str:
-    """The parameters' dtypes as a package records them: its kernels are built for them (precision.prepare)."""
-    return ",".join(sorted({_name(p.dtype) for p in net.parameters()}))
+    """The parameters' dtypes and layout as a package records them: its kernels are built for them
+    (precision.prepare), e.g. 'float16,float32' or 'float16,float32 channels_last_3d'."""
+    params = list(net.parameters())
+    layout = " channels_last_3d" if any(layout_of(p) == torch.channels_last_3d for p in params) else ""
+    return ",".join(sorted({_name(p.dtype) for p in params})) + layout
 
 
 def _named_tensors(net: torch.nn.Module) -> dict[str, torch.Tensor]:

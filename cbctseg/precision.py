@@ -5,10 +5,16 @@ runs on the fp16 activations with its own fp32 parameters. Storing the convoluti
 fp16 up front therefore gives the same answer bit for bit, while the GPU holds half the bytes for them and
 autocast keeps no fp16 copies of the weights during a pass (141.5 M parameters per ToothFairy2 fold: 566 MB
 in fp32, 283 MB in fp16).
+
+The activations' layout is the convolutions' weights' layout (cuDNN follows the weights): contiguous (NCDHW)
+by default, channels-last (NDHWC, `channels_last_3d`) with CBCTSEG_CHANNELS_LAST=1. Channels-last saves the
+layout conversions cuDNN may make around its tensor-core kernels, but eager normalisation is slower in it,
+so it can only pay compiled; the benchmark measures it (bench/README.md) before it becomes a default.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -47,7 +53,27 @@ def store_convolutions_as(net: torch.nn.Module, dtype: torch.dtype) -> int:
     return saved
 
 
+CHANNELS_LAST_ENV = "CBCTSEG_CHANNELS_LAST"
+
+
+def memory_format() -> torch.memory_format:
+    """The layout the networks' 5-D weights, and so their activations, are stored in (CBCTSEG_CHANNELS_LAST)."""
+    value = os.environ.get(CHANNELS_LAST_ENV, "0").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{CHANNELS_LAST_ENV} must be 0 or 1, not {value!r}")
+    return torch.channels_last_3d if value == "1" else torch.contiguous_format
+
+
+def layout_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d for a 5-D tensor stored channels-last (and not also contiguous), else contiguous_format."""
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def prepare(net: torch.nn.Module, device: torch.device) -> int:
     """Store a network (already on device) as it computes there; bytes saved (0 where nothing changes)."""
+    if memory_format() == torch.channels_last_3d:
+        net.to(memory_format=torch.channels_last_3d)
     dtype = autocast_dtype(device)
     return store_convolutions_as(net, dtype) if dtype is not None else 0

@@ -297,6 +297,10 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
             else:
                 with autocast(device):
                     y = model.networks[item.model](_window_batch(padded, items, batch))
+            if not y.is_contiguous():
+                # channels-last networks (precision.memory_format): the sums are channel-major, and adding them a
+                # chunk of channels at a time from a channels-last output would read all of it for every chunk
+                y = y.contiguous()
             for k, j in enumerate(batch):
                 acc.add(items[j].window, y[k], gaussian, item.flip)
                 done[j] = True

@@ -59,3 +59,34 @@ def test_the_cpu_keeps_fp32_and_a_gpu_gets_fp16(weights):
             if p.dtype == torch.float16} == {"Conv3d", "ConvTranspose3d"}
     assert precision.input_dtype(torch.device("cuda")) == torch.float16
     assert precision.input_dtype(CPU) == torch.float32
+
+
+def test_channels_last_networks_give_the_same_answer(weights, monkeypatch):
+    from cbctseg import lean_forward
+    from cbctseg.predictor import Accumulation, predict
+
+    contiguous = load_model(weights)
+    monkeypatch.setenv(precision.CHANNELS_LAST_ENV, "1")
+    channels_last = load_model(weights)
+    convs = [m.weight for net in channels_last.networks for m in net.modules() if isinstance(m, torch.nn.Conv3d)
+             and m.kernel_size == (3, 3, 3) and m.in_channels > 1]  # one channel: both layouts are the same
+    assert convs and all(precision.layout_of(w) == torch.channels_last_3d for w in convs)
+    x = torch.randn((1, 1, *contiguous.patch_size), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        y = channels_last.networks[0](x)
+        assert precision.layout_of(y) == torch.channels_last_3d  # the activations follow the weights
+        # the lean pass keeps the layout, so it is still nnU-Net's forward bit for bit
+        assert torch.equal(lean_forward.lean(channels_last.networks[0])(x), y)
+        torch.testing.assert_close(y, contiguous.networks[0](x), rtol=1e-4, atol=1e-4)
+    data = torch.randn((1, 40, 70, 60), generator=torch.Generator().manual_seed(1))
+    a, _, _ = predict(contiguous, data, accumulation=Accumulation.DEVICE, progress=False)
+    b, _, _ = predict(channels_last, data, accumulation=Accumulation.DEVICE, progress=False)
+    # the sums are fp16 (as nnU-Net's): the convolutions' different rounding shows as a few fp16 steps
+    torch.testing.assert_close(b, a, rtol=4e-3, atol=0.07)
+    assert (a.argmax(0) == b.argmax(0)).float().mean() > 0.999
+
+
+def test_an_unknown_channels_last_setting_is_refused(weights, monkeypatch):
+    monkeypatch.setenv(precision.CHANNELS_LAST_ENV, "yes")
+    with pytest.raises(ValueError, match="CBCTSEG_CHANNELS_LAST must be 0 or 1"):
+        load_model(weights)
