@@ -3,15 +3,15 @@ one large case, agreement with nnUNetPredictor on random weights, cold starts. E
 time left (--budget) is short; every result is printed and written to OUT/probe.json as it comes, so a run
 cut short keeps what it measured.
 
-    python bench/probe.py --out DIR [--budget 480] [--only forward,layout,compile,aot,engine,agreement,cold]
+    python bench/probe.py --out DIR [--budget 480] [--only forward,layout,compile,profile,aot,engine,agreement,cold]
     python bench/probe.py --out /tmp/p --device cpu --configuration 3d_fullres_torchres_tiny \
         --largest 96x160x160 --median 64x100x110      # a smoke run of the script itself
 
 Steps: forward (eager, batch 1 and 2, cudnn.benchmark on and off, fp32 weights, lean), layout
 (channels_last_3d, eager and compiled), compile (torch.compile default, max-autotune-no-cudagraphs, reduce-overhead = CUDA graphs),
-aot (AOT package: build time, load time, forward; --aot-max-autotune also builds one with max_autotune),
 profile (where one pass's time goes: the GPU's kernels by kind and the slowest kernels, for the eager, the
 compiled and the channels_last_3d compiled pass, with the pass's flops from forward_flops.py as TFLOP/s),
+aot (AOT package: build time, load time, forward; --aot-max-autotune also builds one with max_autotune),
 engine (largest case through the engine: streamed and whole-volume sums), agreement (median case against
 nnUNetPredictor), cold (cold starts: eager, torch.compile with the portable cache, AOT package).
 
