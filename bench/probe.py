@@ -87,10 +87,10 @@ def _kernel_kind(name: str) -> str:
     n = name.lower()
     if n.startswith("triton"):
         return "triton (fused normalisation, activation, adds)"
+    if any(k in n for k in ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "cat")):
+        return "layout and copies"  # before convolutions: cuDNN's layout conversions are named cudnn::…
     if any(k in n for k in ("conv", "xmma", "implicit", "cudnn", "cutlass", "sm90_", "sm80_", "wgrad", "dgrad")):
         return "convolution (cuDNN)"
-    if any(k in n for k in ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "cat")):
-        return "layout and copies"
     if any(k in n for k in ("norm", "reduce", "welford")):
         return "normalisation (eager)"
     if "elementwise" in n or "vectorized" in n:
@@ -114,9 +114,12 @@ def profile_pass(net, x, tflop: float, passes: int = 3) -> dict:
                 net(x)
             sync(x.device)
         wall = (time.perf_counter() - t) / passes
+    # on a GPU the kernels themselves (the operators that launch them report the same time again as their own)
+    events = [e for e in prof.key_averages()
+              if (e.device_type == torch.autograd.DeviceType.CUDA if cuda else e.key.startswith("aten::"))]
     kernels = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / passes,
-                e.count // passes) for e in prof.key_averages()]
-    kernels = [k for k in kernels if k[1] > 0 and (cuda or k[0].startswith("aten::"))]
+                e.count // passes) for e in events]
+    kernels = [k for k in kernels if k[1] > 0]
     by_kind: dict[str, float] = {}
     for name, ms, _ in kernels:
         by_kind[_kernel_kind(name)] = by_kind.get(_kernel_kind(name), 0.0) + ms
