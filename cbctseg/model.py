@@ -81,6 +81,10 @@ def load_model(folder: Path, folds: list[str] | None = None, device: torch.devic
     On a GPU the networks are stored as they compute there (`precision.prepare`: fp16 convolutions).
     """
     folder = Path(folder)
+    try:
+        precision.memory_format()  # a bad setting is reported before gigabytes of checkpoints are read
+    except ValueError as e:
+        raise ModelError(str(e)) from None
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} does not exist")
     plans = _load_json(folder / "plans.json")

@@ -12,7 +12,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 from cbctseg import precision
-from cbctseg.model import load_model
+from cbctseg.model import ModelError, load_model
 
 CPU = torch.device("cpu")
 
@@ -86,7 +86,14 @@ def test_channels_last_networks_give_the_same_answer(weights, monkeypatch):
     assert (a.argmax(0) == b.argmax(0)).float().mean() > 0.999
 
 
-def test_an_unknown_channels_last_setting_is_refused(weights, monkeypatch):
+def test_an_unknown_channels_last_setting_is_refused(tmp_path, monkeypatch):
+    from conftest import REPO, run_process
+
     monkeypatch.setenv(precision.CHANNELS_LAST_ENV, "yes")
-    with pytest.raises(ValueError, match="CBCTSEG_CHANNELS_LAST must be 0 or 1"):
-        load_model(weights)
+    with pytest.raises(ModelError, match="CBCTSEG_CHANNELS_LAST must be 0 or 1"):
+        load_model(tmp_path)
+    # the command says so and writes nothing
+    r = run_process("predict", "--input", str(REPO / "test" / "input"), "--output", str(tmp_path / "out"),
+                    "--device", "cpu")
+    assert r.returncode != 0 and "CBCTSEG_CHANNELS_LAST must be 0 or 1" in r.stderr, r.stderr[-2000:]
+    assert not any((tmp_path / "out").rglob("*.mha"))
