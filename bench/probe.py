@@ -3,11 +3,12 @@ one large case, agreement with nnUNetPredictor on random weights, cold starts. E
 time left (--budget) is short; every result is printed and written to OUT/probe.json as it comes, so a run
 cut short keeps what it measured.
 
-    python bench/probe.py --out DIR [--budget 480] [--only forward,layout,compile,profile,aot,engine,agreement,cold]
+    python bench/probe.py --out DIR [--budget 480] [--only forward,cudnn,layout,compile,profile,aot,engine,agreement,cold]
     python bench/probe.py --out /tmp/p --device cpu --configuration 3d_fullres_torchres_tiny \
         --largest 96x160x160 --median 64x100x110      # a smoke run of the script itself
 
-Steps: forward (eager, batch 1 and 2, cudnn.benchmark on and off, fp32 weights, lean), layout
+Steps: forward (eager, batch 1 and 2, cudnn.benchmark on and off, fp32 weights, lean), cudnn (the eager pass
+when cuDNN's autotuning tries all its algorithms, benchmark_limit 0, in a fresh process), layout
 (channels_last_3d, eager and compiled), compile (torch.compile default, max-autotune-no-cudagraphs, reduce-overhead = CUDA graphs),
 profile (where one pass's time goes: the GPU's kernels by kind and the slowest kernels, for the eager, the
 compiled and the channels_last_3d compiled pass, with the pass's flops from forward_flops.py as TFLOP/s),
@@ -41,7 +42,7 @@ from cbctseg.precision import autocast
 
 T0 = time.monotonic()
 RESULTS: dict = {}
-STEPS = ("forward", "layout", "compile", "profile", "aot", "engine", "agreement", "cold")
+STEPS = ("forward", "cudnn", "layout", "compile", "profile", "aot", "engine", "agreement", "cold")
 OUT: Path | None = None
 
 
@@ -155,6 +156,8 @@ def main() -> int:
     p.add_argument("--compile", default="on", choices=["on", "aot", "off"], help="engine step's networks")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (with a small --configuration)")
     p.add_argument("--configuration", default=TF2_CONFIGURATION)
+    p.add_argument("--cudnn-benchmark-limit", type=int, default=None,
+                   help="torch.backends.cudnn.benchmark_limit for this process (the cudnn step runs itself with 0)")
     p.add_argument("--largest", default="298x512x512", help="engine step's shape")
     p.add_argument("--median", default="169x347x371", help="agreement step's shape")
     a = p.parse_args()
@@ -166,6 +169,8 @@ def main() -> int:
     left = lambda: a.budget - (time.monotonic() - T0)  # noqa: E731
     dev = torch.device(a.device)
     torch.backends.cudnn.benchmark = True
+    if a.cudnn_benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = a.cudnn_benchmark_limit
     conf = a.configuration
     plans = plans_with(TF2_PLANS, conf)
     dataset = json.loads(TF2_DATASET.read_text())
@@ -179,11 +184,15 @@ def main() -> int:
     note("gpu", torch.cuda.get_device_name() if dev.type == "cuda" else "none (cpu)")
     note("torch", torch.__version__)
     note("steps", sorted(steps))
+    note("cudnn_benchmark_limit", torch.backends.cudnn.benchmark_limit)
     x1_fp32 = torch.randn((1, 1, *patch), device=dev)
     x1 = x1_fp32.to(precision.input_dtype(dev))
     x2 = torch.randn((2, 1, *patch), device=dev, dtype=x1.dtype)
+    t = time.perf_counter()
     with torch.inference_mode(), autocast(dev):
         ref = nets[0](x1)  # eager answer: every variant's output is compared with it
+    sync(dev)
+    note("eager_first_call_s", round(time.perf_counter() - t, 2))  # cuDNN's autotuning of every convolution
 
     if "forward" in steps:
         note("eager_b1", timed_forward(nets[0], x1))
@@ -199,6 +208,24 @@ def main() -> int:
         torch.backends.cudnn.benchmark = False
         attempt("eager_b1_no_cudnn_benchmark", lambda: note("eager_b1_no_cudnn_benchmark", timed_forward(nets[0], x1)))
         torch.backends.cudnn.benchmark = True
+
+    if "cudnn" in steps and left() > 120:
+        # cuDNN's autotuning tries 10 algorithms per convolution by default; all of them, in a fresh process
+        # (the choices are cached per process): the forward step again with benchmark_limit 0
+        def all_algorithms():
+            child_out = a.out / "cudnn_all_algorithms"
+            r = subprocess.run([sys.executable, __file__, "--out", str(child_out), "--only", "forward",
+                                "--device", a.device, "--configuration", conf, "--cudnn-benchmark-limit", "0",
+                                "--budget", str(max(30, left() - 60))], capture_output=True, text=True,
+                               timeout=max(30, left() - 30))
+            child = json.loads((child_out / "probe.json").read_text()) if (child_out / "probe.json").is_file() else {}
+            if not child:
+                raise RuntimeError(r.stderr[-1500:])
+            note("cudnn_all_algorithms", {k: child.get(k) for k in ("cudnn_benchmark_limit", "eager_first_call_s",
+                                                                    "eager_b1", "eager_b1_lean")})
+            (child_out / "probe.json").unlink()  # its numbers are in this probe's file
+            child_out.rmdir()
+        attempt("cudnn_all_algorithms", all_algorithms)
 
     cl_compiled = None
     if "layout" in steps and left() > 120:
@@ -254,6 +281,8 @@ def main() -> int:
                 attempt(f"profile_{name}", lambda net=net, x=x, name=name:
                         note(f"profile_{name}", profile_pass(net, x, flops["tflop_per_pass"])))
 
+    if not steps & {"compile", "aot", "engine", "agreement", "cold"}:  # no step below needs a model folder
+        return finish()
     weights = make_model_folder(a.out / "probe_model" if dev.type == "cpu" else Path("/tmp/probe_model"),
                                 configuration=conf)
     if c0 is not None:
@@ -348,7 +377,12 @@ def main() -> int:
                                             **{k: round(v, 2) for k, v in child.items() if k.endswith("_s")}})
             else:
                 note(f"cold_start_{mode}_error", r.stderr[-1500:])
-    if "tflop_per_pass" in RESULTS:  # every timed forward pass as an arithmetic rate
+    return finish()
+
+
+def finish() -> int:
+    """The summary notes: every timed forward pass as an arithmetic rate, and the probe's own time."""
+    if "tflop_per_pass" in RESULTS:
         note("tflops_per_window", {k: achieved_tflops(RESULTS["tflop_per_pass"], v["per_window_s"])
                                    for k, v in RESULTS.items() if isinstance(v, dict) and v.get("per_window_s")})
     note("done_s", round(time.monotonic() - T0, 1))
