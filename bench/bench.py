@@ -529,9 +529,17 @@ def run_bench(args) -> dict:
     print(f"environment: {json.dumps(env)}", flush=True)
     # cold starts first, before this process holds GPU memory of its own
     if args.compile == "aot":
-        result["aot_package"] = make_compile_cache(weights, args, tmp, aot=True)
-        print(f"AOT package: {result['aot_package']}", flush=True)
-    elif args.compile != "off" and device.type == "cuda" and not args.no_cache:
+        try:
+            result["aot_package"] = make_compile_cache(weights, args, tmp, aot=True)
+            print(f"AOT package: {result['aot_package']}", flush=True)
+        except RuntimeError as e:
+            if not args.aot_fallback:
+                raise
+            # a GPU session has one try: measure the engine with torch.compile rather than nothing
+            result["aot_package_error"] = str(e)[-3000:]
+            args.compile = result["settings"]["compile"] = "on"
+            print(f"AOT package failed, compile on instead: {str(e)[-1000:]}", flush=True)
+    if args.compile in ("on", "auto") and device.type == "cuda" and not args.no_cache:
         result["compile_cache"] = make_compile_cache(weights, args, tmp)
         print(f"compile cache: {result['compile_cache']}", flush=True)
     if args.cold_repeats > 0:
@@ -603,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "auto", "aot"],
                    help="compile our networks: torch.compile (on), cbctseg.compile_cache's rule (auto), or an AOT "
                         "package built first by `python -m cbctseg.compile_cache --aot` (aot)")
+    p.add_argument("--aot-fallback", action="store_true",
+                   help="with --compile aot: when the package cannot be built, record why and run with "
+                        "torch.compile (--compile on) instead of stopping")
     p.add_argument("--no-cache", action="store_true",
                    help="with --compile: do not make the portable compile cache first")
     p.add_argument("--batch-size", type=int, default=1, help="our engine's windows per forward pass")
