@@ -286,7 +286,7 @@ def main() -> int:
                 attempt(f"profile_{name}", lambda net=net, x=x, name=name:
                         note(f"profile_{name}", profile_pass(net, x, flops["tflop_per_pass"])))
 
-    if not steps & {"compile", "aot", "engine", "agreement", "cold"}:  # no step below needs a model folder
+    if not steps & {"aot", "engine", "agreement", "cold"}:  # no step below needs a model folder
         return finish()
     # outside OUT (whose files come back from a device call, at most 8), removed at exit (1.2 GB on a GPU)
     model_dir = Path(tempfile.mkdtemp(prefix="cbctseg-probe-"))
