@@ -60,8 +60,9 @@ grep -E "tflops_per_window|_b1\"?:|first_call|profile_|error|done_s" "$out/probe
 
 # 2. The recorded run: our engine as a user runs it (AOT package; torch.compile if the package cannot be
 # built), channels-last where the probe found that pass at least 3 % faster, side by side with nnUNetPredictor,
-# both shapes, one timed run each. About 6.5 minutes on an H100 (fit 83 s, the package, three cold starts, both
-# shapes with a warm-up each); results/partial.json keeps what a run cut short measured.
+# both shapes, one timed run each. About 6 minutes, estimated from the H100's 407 s compiled run (fit 83 s, then
+# the package, three cold starts, a one-window warm-up per engine, both shapes); results/partial.json keeps what
+# a run cut short measured.
 layout=$("$python" -c '
 import json, sys
 try:
