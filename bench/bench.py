@@ -503,6 +503,7 @@ def result_path(out_dir: Path, env: dict, compile_mode: str, channels_last: bool
 def run_bench(args) -> dict:
     def save(result: dict) -> None:
         """The result so far, so that a run cut short still leaves what it measured."""
+        result["settings"]["compile"] = args.compile  # "on" where --aot-fallback had to leave the package
         result["targets"] = targets(result)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "partial.json").write_text(json.dumps(result, indent=1))
@@ -541,7 +542,7 @@ def run_bench(args) -> dict:
                 raise
             # a GPU session has one try: measure the engine with torch.compile rather than nothing
             result["aot_package_error"] = str(e)[-3000:]
-            args.compile = result["settings"]["compile"] = "on"
+            args.compile = "on"
             print(f"AOT package failed, compile on instead: {str(e)[-1000:]}", flush=True)
     if args.compile in ("on", "auto") and device.type == "cuda" and not args.no_cache:
         result["compile_cache"] = make_compile_cache(weights, args, tmp)
@@ -584,9 +585,7 @@ def run_bench(args) -> dict:
         print(f"shape {shape_name(shape)}: phantom in {time.perf_counter() - t0:.1f} s", flush=True)
         result["cases"].append(bench_shape(shape, image, ours, nnunet, weights, device, args))
         del image
-        save(result)
-    result["settings"]["compile"] = args.compile  # "on" where --aot-fallback had to leave the package
-    result["targets"] = targets(result)
+        save(result)  # also the settings and targets of the final result
     result["complete"] = True
     return result
 

@@ -34,7 +34,7 @@ def test_the_gpu_session_script_runs_end_to_end_within_a_device_calls_limits(tmp
     assert {"compiled_b1", "compiled_channels_last_b1", "profile_compiled",
             "profile_compiled_channels_last"} <= probe.keys()
     assert not [k for k in probe if k.endswith("_error")], {k: v for k, v in probe.items() if k.endswith("_error")}
-    channels_last = probe["compiled_channels_last_b1"]["s"] < 0.97 * probe["compiled_b1"]["s"]
+    channels_last = probe["channels_last_faster"]
 
     # the recorded run finished (no partial.json) with the AOT package in the faster layout, and measured both
     # engines
