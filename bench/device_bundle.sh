@@ -18,6 +18,8 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$repo/.whl"  # ignored by git (.gitignore)
 python="${CBCTSEG_PYTHON:-$repo/.venv/bin/python}"
+# shellcheck source=scripts/venv_support.sh
+source "$repo/scripts/venv_support.sh"
 # wheels for CPython 3.12 on x86-64 Linux
 binary=(SimpleITK==2.5.7 connected-components-3d==4.1.1 blosc2==4.14.1 numexpr==2.14.2
         ndindex==1.10.1 nibabel==5.4.2 importlib-resources==7.1.0 nnunetv2==2.8.1 batchgenerators==0.25.5
@@ -30,12 +32,11 @@ platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-quiet() { grep -v "is ignored: it is neither a file nor a directory" >&2 || true; }
 "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  "${platforms[@]}" -d "$tmp/wheels" "${binary[@]}" 2> >(quiet)
-"$python" -m pip wheel -q --no-deps -w "$tmp/wheels" "${source_only[@]}" 2> >(quiet)
+  "${platforms[@]}" -d "$tmp/wheels" "${binary[@]}" 2> >(pip_log)
+"$python" -m pip wheel -q --no-deps -w "$tmp/wheels" "${source_only[@]}" 2> >(pip_log)
 "$python" -m pip install -q --no-deps --no-compile --only-binary=:all: --python-version 3.12 --implementation cp \
-  "${platforms[@]}" --target "$tmp/site" "$tmp"/wheels/*.whl 2> >(quiet)
+  "${platforms[@]}" --target "$tmp/site" "$tmp"/wheels/*.whl 2> >(pip_log)
 mkdir -p "$out"
 XZ_OPT="-6 -T0" tar -C "$tmp/site" -cJf "$out/site312.tar.xz" .
 cat > "$out/env.sh" <<'EOF'

@@ -22,9 +22,8 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
 fi
 echo "setup: installing the pinned requirements into $venv (a few minutes, about 6 GB)" >&2
 "$python" -m venv "$venv"
-"$venv/bin/python" -m pip install -q --upgrade pip 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-# (this machine's pip configuration warns about each of its local indexes; keep the log readable)
+"$venv/bin/python" -m pip install -q --upgrade pip 2> >(pip_log)
 "$venv/bin/python" -m pip install -q -r "$repo/requirements.txt" -r "$repo/requirements-dev.txt" \
-  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  2> >(pip_log)
 echo "$want" > "$stamp"
 echo "setup: done" >&2

@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Sourced by the setup scripts: make sure PYTHON can create virtual environments.
+# Sourced by the scripts that install packages: make sure PYTHON can create virtual environments, and keep pip's
+# log readable.
 # ensure_venv_support PYTHON NAME: installs Debian's python3-venv when run as root, else fails with a hint.
 ensure_venv_support() {
   local python="$1" name="$2"
@@ -12,3 +13,7 @@ ensure_venv_support() {
     exit 1
   fi
 }
+
+# pip_log: filter for pip's stderr (`2> >(pip_log)`): this machine's pip configuration warns about each of its local
+# indexes on every call
+pip_log() { grep -v "is ignored: it is neither a file nor a directory" >&2 || true; }
