@@ -13,9 +13,12 @@ which gives bit-identical results without medpy and in a fraction of the time:
   surface distance;
 - the percentile is taken over the same multiset of distances.
 
-Folder evaluation matches `<name>.mha` in the prediction folder with `<name>.mha` in the truth folder.
+Folder evaluation matches `<name>.mha` in the prediction folder with `<name>.mha` in the truth folder, or
+a prediction named after its image, `<name>_0000.mha` (nnU-Net's channel suffix), with the truth `<name>.mha`.
 A missing prediction is scored as an all-background prediction (what an empty output would get) and
-marked `status: "missing"`; predictions without a truth file are listed and otherwise ignored.
+marked `status: "missing"`; a prediction that cannot be scored (unreadable, or not on the truth's grid) is
+scored the same way, marked `status: "invalid"` with its error, and makes the command exit 1; predictions
+without a truth file are listed and otherwise ignored. When no prediction matches any truth, that is an error.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -144,6 +148,39 @@ def _check_geometry(pred, truth, pred_path: Path) -> None:
                                   f"{tuple(round(x, 6) for x in b)}")
 
 
+def _read_prediction(pred_path: Path, truth_img) -> np.ndarray:
+    """The prediction's voxels, checked to lie on the truth's grid (EvaluationError otherwise)."""
+    import SimpleITK as sitk
+
+    try:
+        pred_img = sitk.ReadImage(str(pred_path))
+    except RuntimeError as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        raise EvaluationError(f"{pred_path}: unreadable ({lines[-1] if lines else 'RuntimeError'})") from None
+    _check_geometry(pred_img, truth_img, pred_path)
+    return sitk.GetArrayFromImage(pred_img)
+
+
+def pair_predictions(pred_files: list[Path], truth_names: set[str]) -> tuple[dict[str, Path], list[str]]:
+    """Prediction file per truth name, and the names of predictions without a truth.
+
+    `<name>.mha` pairs with the truth `<name>.mha`; failing that, `<name>_0000.mha` (a prediction named after its
+    image in nnU-Net's imagesTr) does.
+    """
+    by_name = {p.name[: -len(SUFFIX)]: p for p in pred_files}
+    paired: dict[str, Path] = {n: p for n, p in by_name.items() if n in truth_names}
+    unmatched = []
+    for n, p in by_name.items():
+        if n in paired:
+            continue
+        stem = re.fullmatch(r"(.+)_\d{4}", n)
+        if stem and stem.group(1) in truth_names and stem.group(1) not in paired:
+            paired[stem.group(1)] = p
+        else:
+            unmatched.append(n)
+    return paired, sorted(unmatched)
+
+
 def _find_image(images_dir: Path | None, name: str) -> Path | None:
     if images_dir is None:
         return None
@@ -160,17 +197,18 @@ def _evaluate_files(name: str, pred_path: Path | None, truth_path: Path, picture
 
     truth_img = sitk.ReadImage(str(truth_path))
     truth = sitk.GetArrayFromImage(truth_img)
-    if pred_path is None:
+    status, error, pred = ("ok", None, None) if pred_path else ("missing", None, None)
+    if pred_path is not None:
+        try:
+            pred = _read_prediction(pred_path, truth_img)
+        except EvaluationError as e:  # this case cannot be scored; the others still are
+            status, error = "invalid", str(e)
+    if pred is None:
         pred = np.zeros_like(truth, dtype=np.uint8)
-    else:
-        pred_img = sitk.ReadImage(str(pred_path))
-        _check_geometry(pred_img, truth_img, pred_path)
-        pred = sitk.GetArrayFromImage(pred_img)
-    try:
-        case = evaluate_case(pred, truth)
-    except EvaluationError as e:
-        raise EvaluationError(f"{pred_path}: {e}") from None
-    case.update(status="ok" if pred_path else "missing", pred_file=str(pred_path or ""), truth_file=str(truth_path))
+    case = evaluate_case(pred, truth)
+    case.update(status=status, pred_file=str(pred_path or ""), truth_file=str(truth_path))
+    if error:
+        case["error"] = error
     if pictures_dir is not None:
         from .pictures import render_case
 
@@ -178,7 +216,7 @@ def _evaluate_files(name: str, pred_path: Path | None, truth_path: Path, picture
         image = (sitk.GetArrayFromImage(sitk.ReadImage(str(image_path))) if image_path
                  else np.zeros(truth.shape, dtype=np.float32))
         title = f"{name}  Dice {case['mean_dice']:.4f}  HD95 {case['mean_hd95']:.2f}" + (
-            "  (prediction missing)" if pred_path is None else "")
+            f"  (prediction {status})" if status != "ok" else "")
         render_case(image, pred, pictures_dir / f"{name}.png", truth=truth, title=title)
     return case
 
@@ -203,6 +241,7 @@ def aggregate(cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "cases": len(cases),
         "missing_predictions": sorted(k for k, c in cases.items() if c.get("status") == "missing"),
+        "invalid_predictions": sorted(k for k, c in cases.items() if c.get("status") == "invalid"),
         "mean_dice": stat(md, np.mean), "std_dice": stat(md, np.std), "median_dice": stat(md, np.median),
         "mean_hd95": stat(mh, np.mean), "std_hd95": stat(mh, np.std), "median_hd95": stat(mh, np.median),
         "structures": per,
@@ -226,11 +265,15 @@ def evaluate_folder(pred_dir: Path, truth_dir: Path, workers: int = 1, *, pictur
     truths = {p.name[: -len(SUFFIX)]: p for p in sorted(truth_dir.glob(f"*{SUFFIX}"))}
     if not truths:
         raise EvaluationError(f"no *{SUFFIX} files in the truth folder {truth_dir}")
-    preds = {p.name[: -len(SUFFIX)]: p for p in sorted(pred_dir.glob(f"*{SUFFIX}"))}
-    if not preds:
+    pred_files = sorted(pred_dir.glob(f"*{SUFFIX}"))
+    if not pred_files:
         raise EvaluationError(f"no *{SUFFIX} files in the prediction folder {pred_dir}")
+    preds, unmatched = pair_predictions(pred_files, set(truths))
+    if not preds:
+        raise EvaluationError(f"none of the {len(pred_files)} predictions in {pred_dir} matches a truth file of "
+                              f"{truth_dir} (e.g. {pred_files[0].name} against {next(iter(truths.values())).name}; "
+                              f"expected <name>{SUFFIX} or <name>_0000{SUFFIX} for the truth <name>{SUFFIX})")
     missing = sorted(set(truths) - set(preds))
-    unmatched = sorted(set(preds) - set(truths))
     for name in missing:
         print(f"warning: no prediction for {name}; scored as an empty prediction", file=sys.stderr)
     if unmatched:
@@ -260,6 +303,9 @@ def evaluate_folder(pred_dir: Path, truth_dir: Path, workers: int = 1, *, pictur
     finally:
         bar.close()
     cases = {name: cases[name] for name in jobs}
+    for name, case in cases.items():
+        if case["status"] == "invalid":
+            print(f"error: {name}: {case['error']}; scored as an empty prediction", file=sys.stderr)
     return {"pred_dir": str(pred_dir), "truth_dir": str(truth_dir), "cases": cases,
             "aggregates": aggregate(cases), "unmatched_predictions": unmatched}
 
@@ -294,6 +340,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"     {overall:<38} {agg['mean_dice']:7.4f} {agg['mean_hd95']:8.2f}")
     if agg["missing_predictions"]:
         lines.append(f"     missing predictions (scored empty): {', '.join(agg['missing_predictions'])}")
+    if agg["invalid_predictions"]:
+        lines.append(f"     invalid predictions (scored empty): {', '.join(agg['invalid_predictions'])}")
     return "\n".join(lines)
 
 
@@ -309,7 +357,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Evaluate, print the table, write the reports; 0 on success, 2 on bad input."""
+    """Evaluate, print the table, write the reports; 0 on success, 1 when a prediction could not be scored, 2 on
+    bad input."""
     pictures_dir = images_dir = None
     if args.pictures:
         if args.out is None:
@@ -330,4 +379,4 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.out is not None:
         csv_path, json_path = write_reports(result, args.out)
         print(f"wrote {csv_path} and {json_path}", file=sys.stderr)
-    return 0
+    return 1 if result["aggregates"]["invalid_predictions"] else 0

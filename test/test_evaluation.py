@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -115,24 +116,62 @@ def test_non_fdi_values_are_ignored_and_counted():
     assert r["mean_dice"] == 1.0
 
 
-def test_size_mismatch_is_a_clear_error(tmp_path, capsys):
+def test_size_mismatch_is_a_clear_error():
     with pytest.raises(EvaluationError, match=r"prediction shape \(40, 64, 64\) != truth shape \(40, 64, 65\)"):
         evaluate_case(np.zeros(SHAPE, np.uint8), np.zeros((40, 64, 65), np.uint8))
 
-    (tmp_path / "pred").mkdir()
-    (tmp_path / "truth").mkdir()
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 9, 10), np.uint8)), str(tmp_path / "pred" / "c1.mha"))
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 9, 11), np.uint8)), str(tmp_path / "truth" / "c1.mha"))
-    with pytest.raises(EvaluationError, match=r"pred/c1\.mha: size \(10, 9, 8\) != truth size \(11, 9, 8\)"):
-        evaluate_folder(tmp_path / "pred", tmp_path / "truth")
 
-    moved = sitk.GetImageFromArray(np.zeros((8, 9, 11), np.uint8))
-    moved.SetSpacing((1.0, 1.0, 2.0))
-    sitk.WriteImage(moved, str(tmp_path / "pred" / "c1.mha"))
-    args = _parse(["--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")])
-    assert run_from_args(args) == 2
-    err = capsys.readouterr().err
-    assert "c1.mha: spacing" in err
+def test_a_prediction_off_the_truth_grid_fails_that_case_only(tmp_path, capsys):
+    """One bad prediction (other size, other spacing, unreadable) is scored as empty and flagged; the rest score."""
+    _, truth = make_phantom_arrays(PhantomSpec(shape=(16, 24, 24), seed=4))
+    for name in ("good", "small", "moved", "broken"):
+        _write(truth, tmp_path / "truth" / f"{name}.mha")
+    _write(truth, tmp_path / "pred" / "good.mha")
+    _write(truth[:, :, :-1], tmp_path / "pred" / "small.mha")
+    moved = sitk.GetImageFromArray(truth)
+    moved.SetSpacing((0.3, 0.3, 0.6))
+    sitk.WriteImage(moved, str(tmp_path / "pred" / "moved.mha"))
+    (tmp_path / "pred" / "broken.mha").write_bytes(b"ObjectType = Image\nNDims = 3\n")
+
+    result = evaluate_folder(tmp_path / "pred", tmp_path / "truth")
+    cases = result["cases"]
+    assert cases["good"]["status"] == "ok" and cases["good"]["mean_dice"] == 1.0
+    assert cases["small"]["status"] == "invalid"
+    assert re.search(r"pred/small\.mha: size \(23, 24, 16\) != truth size \(24, 24, 16\)", cases["small"]["error"])
+    assert cases["moved"]["status"] == "invalid" and "spacing" in cases["moved"]["error"]
+    assert cases["broken"]["status"] == "invalid" and "unreadable" in cases["broken"]["error"]
+    empty = evaluate_case(np.zeros_like(truth), truth)
+    assert all(cases[n]["mean_dice"] == empty["mean_dice"] for n in ("small", "moved", "broken"))
+    assert result["aggregates"]["invalid_predictions"] == ["broken", "moved", "small"]
+
+    args = _parse(["--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"), "--out", str(tmp_path / "o")])
+    assert run_from_args(args) == 1  # scored and reported, but not a clean run
+    captured = capsys.readouterr()
+    assert "error: moved: " in captured.err and "invalid predictions (scored empty): broken, moved, small" in captured.out
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["cases"]["small"]["status"] == "invalid"
+
+
+def test_predictions_named_after_the_images_pair_with_their_truth(tmp_path):
+    """nnU-Net-style names: imagesTr/X_0000.mha -> prediction X_0000.mha, truth labelsTr/X.mha."""
+    _, truth = make_phantom_arrays(PhantomSpec(shape=(16, 24, 24), seed=5))
+    for name in ("a", "b"):
+        _write(truth, tmp_path / "labelsTr" / f"{name}.mha")
+        _write(truth, tmp_path / "pred" / f"{name}_0000.mha")
+    _write(truth, tmp_path / "pred" / "c_0000.mha")  # no truth c: listed, ignored
+    result = evaluate_folder(tmp_path / "pred", tmp_path / "labelsTr")
+    assert {n: c["status"] for n, c in result["cases"].items()} == {"a": "ok", "b": "ok"}
+    assert result["cases"]["a"]["pred_file"].endswith("a_0000.mha") and result["cases"]["a"]["mean_dice"] == 1.0
+    assert result["unmatched_predictions"] == ["c_0000"]
+
+
+def test_no_prediction_matching_any_truth_is_an_error(tmp_path, capsys):
+    _, truth = make_phantom_arrays(PhantomSpec(shape=(16, 24, 24), seed=6))
+    _write(truth, tmp_path / "labelsTr" / "a.mha")
+    _write(truth, tmp_path / "pred" / "other.mha")
+    with pytest.raises(EvaluationError, match=r"none of the 1 predictions .* matches a truth file"):
+        evaluate_folder(tmp_path / "pred", tmp_path / "labelsTr")
+    assert run_from_args(_parse(["--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "labelsTr")])) == 2
+    assert "none of the 1 predictions" in capsys.readouterr().err
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
