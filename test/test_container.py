@@ -345,8 +345,10 @@ def _mutations():
                    "pixel type"),
         "value 19": (voxels(lambda a: a.__setitem__((0, 0, 0), 19)), "outside the FDI label set: [19]"),
         "low dice": (voxels(lambda a: a.__setitem__(a == 11, 0)), "Dice below 0.9"),
-        "no results.json": (lambda root: _write_case(root, _label_map(_expected_array()), results=None),
-                            "results.json: missing"),
+        "no results.json (legacy, optional)": (
+            lambda root: _write_case(root, _label_map(_expected_array()), results=None), None),
+        "results.json not a list": (
+            lambda root: _write_case(root, _label_map(_expected_array()), results={"outputs": []}), "expected a list"),
         "results.json without the case": (
             lambda root: _write_case(root, _label_map(_expected_array()), results=[]), "does not list"),
         "error message": (lambda root: _write_case(root, _label_map(_expected_array()), results=[
