@@ -456,3 +456,25 @@ def test_confinement_failures_are_reported_per_case_while_good_cases_run(tmp_pat
         assert name in msg and phrase in msg and name in r.stderr, msg
     assert results["good.mha"]["error_messages"] == []
     assert sorted(p.name for p in (out / OUT_DIR).iterdir()) == ["good.mha"]
+
+
+def test_a_case_stopped_after_its_label_map_was_written_is_failed_without_the_file(tmp_path):
+    """The stop may come between the rename and the case's report: results.json and the folder must agree."""
+    from cbctseg.run import RunRecord, _file_id
+    from cbctseg.termination import Terminated
+
+    labels, vol = _label_case(tmp_path)
+    cases = [gc_io.Case(n, tmp_path / "in" / "x.mha", tmp_path / "out" / OUT_DIR / n) for n in ("a.mha", "b.mha")]
+    run = RunRecord(tmp_path / "out")
+    run.cases = cases
+    # b.mha: a label map from an earlier run, untouched by this one, is not this run's to remove
+    gc_io.write_label_map(labels, vol, cases[1].output_path)
+    run.current, run.current_output_before = cases[0], _file_id(cases[0].output_path)
+    gc_io.write_label_map(labels, vol, cases[0].output_path)
+    run.terminated(Terminated(signal.SIGTERM))
+    run.write(None)
+    results = _results(tmp_path / "out")
+    assert [e["outputs"] for e in results] == [[], []]
+    assert "terminated by SIGTERM while" in results[0]["error_messages"][0]
+    assert "not started" in results[1]["error_messages"][0]
+    assert not cases[0].output_path.exists() and cases[1].output_path.exists()
