@@ -13,6 +13,35 @@ SUBCOMMANDS = ("predict", "train", "phantom", "evaluate", "cutoffs", "compile", 
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
+def _budget(value: str) -> float:
+    from .preflight import PreflightError, budget_seconds
+
+    try:
+        return budget_seconds(value)
+    except PreflightError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _step_size(value: str) -> float:
+    try:
+        step = float(value)
+    except ValueError:
+        step = float("nan")
+    if not 0 < step <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"step size {value!r} must be a fraction of the patch in (0, 1]")
+    return step
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return n
+
+
 def _predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", type=Path, default=Path("/input"),
                    help="grand-challenge input root (inputs.json or images/cbct/*.mha) or a folder of .mha files")
@@ -21,19 +50,19 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
                    help="nnU-Net model folder (default: /opt/ml/model when it holds a model, else weights/)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")
     p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: all in the model folder)")
-    p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--step-size", type=_step_size, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--no-mirroring", action="store_true", help="skip test-time mirroring (4x fewer passes)")
     p.add_argument("--accumulate", default="auto", choices=["auto", "device", "cpu", "streamed"],
                    help="where logits accumulate (auto: the GPU when they fit, else streamed bands, else the CPU)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="compiled networks: an AOT package beside the weights for this device is used unless "
                         "'off'; else auto runs torch.compile on a GPU when it pays within the budget (a compile "
                         "cache beside the weights makes it cheaper). Make either with "
                         "process.py compile [--aot]")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds per case, counted from process start for the first case (default: the "
-                        "ToothFairy2 limit of resources/task.json minus 60 s); 0 disables the guard")
+    p.add_argument("--time-budget", type=_budget, default=None,
+                   help="seconds per case (finite, >= 0), counted from process start for the first case (default: "
+                        "the ToothFairy2 limit of resources/task.json minus 60 s); 0 disables the guard")
     p.add_argument("--pictures", type=Path, default=None,
                    help="also write a PNG per case (axial, coronal, sagittal slices with the labels) to this folder")
     p.add_argument("--report", type=Path, default=None,
@@ -108,9 +137,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .run import predict_main
+    from .termination import Terminated, raising_on_signals
 
-    return predict_main(args)
+    # a signal while torch is imported (seconds), before predict_main handles signals itself, still gets a report
+    with raising_on_signals():
+        try:
+            from .run import predict_main
+
+            return predict_main(args)
+        except Terminated as t:
+            _report_not_started(args, t)
+            return t.exit_code
+
+
+def _report_not_started(args: argparse.Namespace, t: BaseException) -> None:
+    """results.json for a run stopped before any case started, unless the run wrote one itself."""
+    loaded = sys.modules.get("cbctseg.gc_io")
+    if loaded is not None and loaded.results_written:
+        return
+    log.error("%s before the run started", t)
+    try:
+        from . import gc_io
+
+        message = f"not started: {t}"
+        try:
+            entries = [gc_io.case_result(c, f"{c.name}: {message}") for c in gc_io.find_cases(args.input, args.output)]
+        except gc_io.InputError:
+            entries = [gc_io.run_error_result(message)]
+        gc_io.write_results(entries, args.output)
+    except Exception as e:  # the report is best effort here: the process is being stopped
+        log.error("cannot write results.json: %s", e)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import gc_io
+from . import gc_io, preflight
 from .device import describe, free_memory, peak_memory_gb, select_device
 from .model import Model, ModelError, default_model_folder, load_model
 from .postprocess import to_fdi
@@ -22,6 +23,7 @@ from .preprocess import preprocess
 from .resources import cutoffs, label_map, task
 from .compile_cache import maybe_compile
 from .schedule import Budget, anytime_passes, sliding_windows
+from .termination import Terminated, raising_on_signals
 from .triton_backend import TritonError, use_backend
 
 log = logging.getLogger("cbctseg")
@@ -153,21 +155,132 @@ def batch_table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def predict_main(args: argparse.Namespace) -> int:
-    """The predict command; exit code 0 when at least one case was written."""
+class RunRecord:
+    """What a predict run did so far, case by case, so that results.json can be written at any moment."""
+
+    def __init__(self, output: Path):
+        self.output = Path(output)
+        self.cases: list[gc_io.Case] | None = None  # None: not known yet
+        self.results: dict[str, dict] = {}  # case name -> results.json entry
+        self.reports: list[dict] = []
+        self.run_error: str | None = None
+        self.current: gc_io.Case | None = None  # the case being segmented
+        self.current_output_before: tuple[int, int] | None = None
+
+    def record(self, case: gc_io.Case, report: dict) -> None:
+        error = None if report["status"] == "ok" else report["error"]
+        self.results[case.name] = gc_io.case_result(case, error)
+        self.reports.append(report)
+        log.info("report %s", json.dumps(report))
+        print(summary_line(report), file=sys.stderr, flush=True)
+
+    def fail_remaining(self, message: str) -> None:
+        """Every case without a result fails with `message` (or the run, when its cases are not known)."""
+        if self.cases is None:
+            self.run_error = message
+            return
+        for case in self.cases:
+            if case.name not in self.results:
+                self.record(case, {"case": case.name, "status": "failed", "error": f"{case.name}: {message}"})
+
+    def terminated(self, t: Terminated) -> None:
+        """The run was stopped by a signal: the case in progress failed (its output, if written, is removed),
+        the cases not started fail too."""
+        signame = signal.Signals(t.signum).name
+        case = self.current
+        if case is not None and case.name not in self.results:
+            if _file_id(case.output_path) != self.current_output_before:
+                case.output_path.unlink(missing_ok=True)
+            self.record(case, {"case": case.name, "status": "failed",
+                               "error": f"{case.name}: terminated by {signame} while it was being segmented"})
+        self.fail_remaining(f"not started: the run was terminated by {signame}")
+
+    def entries(self) -> list[dict]:
+        if self.cases is None:
+            return [gc_io.run_error_result(self.run_error)] if self.run_error else []
+        return [self.results[c.name] for c in self.cases if c.name in self.results]
+
+    def write(self, report_file: Path | None) -> bool:
+        """results.json (and the per-case reports when asked); False when they could not be written."""
+        try:
+            gc_io.write_results(self.entries(), self.output)
+            if report_file:
+                report_file.parent.mkdir(parents=True, exist_ok=True)
+                report_file.write_text(json.dumps(self.reports, indent=1))
+            return True
+        except OSError as e:
+            log.error("cannot write the results: %s", e)
+            return False
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """Identity of the file at `path` (inode, modification time) or None: tells whether a case wrote it."""
     try:
-        device = select_device(args.device)
-    except ValueError as e:
-        log.error("%s", e)
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def predict_main(args: argparse.Namespace) -> int:
+    """The predict command. Exit code: 0 when at least one case was written, 1 when none was (every case failed)
+    or on an unexpected error, 2 when the run cannot start (output, temporary directory, budget, device, inputs,
+    model), 128 + N when stopped by signal N (143: SIGTERM, 130: SIGINT).
+
+    results.json is written on every exit but an unusable output folder: with an entry per case (finished, or
+    failed with its message), or with one entry holding the message when the cases are not known.
+    """
+    try:
+        preflight.check_output(args.output, task()["output_folder"])
+    except preflight.PreflightError as e:
+        log.error("cannot start: %s", e)
         return 2
+    run = RunRecord(args.output)
+    with raising_on_signals():
+        try:
+            try:
+                code = _predict_cases(args, run)
+            except Exception as e:  # a fault of ours, not of the input: still a report, never a traceback only
+                log.error("unexpected error: %s: %s", type(e).__name__, e)
+                log.debug("%s", traceback.format_exc())
+                run.fail_remaining(f"unexpected error: {type(e).__name__}: {e}")
+                code = 1
+            if not run.write(args.report):
+                code = code or 1
+        except Terminated as t:  # at most one is raised: nothing interrupts this block
+            log.error("%s: finished cases are kept, the others are reported as failed", t)
+            gc_io.remove_temporary_files()
+            run.terminated(t)
+            run.write(args.report)
+            code = t.exit_code
+    if run.cases and len(run.cases) > 1:
+        print(batch_table(run.reports), file=sys.stderr)
+    return code
+
+
+def _start_error(run: RunRecord, message: str) -> int:
+    log.error("%s", message)
+    run.fail_remaining(message)
+    return 2
+
+
+def _predict_cases(args: argparse.Namespace, run: RunRecord) -> int:
+    """Find the cases, check the environment, load the model, segment each case; returns the exit code."""
+    try:
+        run.cases = gc_io.find_cases(args.input, args.output)
+    except gc_io.InputError as e:
+        return _start_error(run, f"nothing to do: {e}")
+    try:
+        budget_s = preflight.budget_seconds(args.time_budget)
+        temp = preflight.check_temp()
+        device = select_device(args.device)
+    except (preflight.PreflightError, ValueError, RuntimeError) as e:
+        return _start_error(run, f"cannot start: {e}")
+    log.info("temporary directory %s (%.1f GiB free), output %s (%.1f GiB free)", temp, preflight.free_gib(temp),
+             args.output, preflight.free_gib(Path(args.output)))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     log.info("environment: %s", json.dumps(describe(device)))
-    try:
-        cases = gc_io.find_cases(args.input, args.output)
-    except gc_io.InputError as e:
-        log.error("nothing to do: %s", e)
-        return 2
     weights = args.weights or default_model_folder(APP_DIR / "weights")
     try:
         t0 = time.monotonic()
@@ -178,35 +291,24 @@ def predict_main(args: argparse.Namespace) -> int:
         use_backend(model, args, weights)
         log.info("model loaded in %.1f s", time.monotonic() - t0)
     except (ModelError, TritonError) as e:
-        log.error("cannot load the model: %s", e)
-        return 2
-    budget_s = args.time_budget if args.time_budget is not None else task()["time_limit_s"] - DEFAULT_MARGIN_S
-    results, reports = [], []
-    for i, case in enumerate(cases):
+        return _start_error(run, f"cannot load the model: {e}")
+    if budget_s is None:
+        budget_s = task()["time_limit_s"] - DEFAULT_MARGIN_S
+    for i, case in enumerate(run.cases):
         start = PROCESS_START if i == 0 else time.monotonic()
         budget = Budget(start + budget_s if budget_s > 0 else None)
+        run.current, run.current_output_before = case, _file_id(case.output_path)
         try:
             report = predict_case(case, model, device, args, budget)
-            results.append(gc_io.case_result(case))
         except gc_io.InputError as e:
             report = {"case": case.name, "status": "failed", "error": str(e)}
-            results.append(gc_io.case_result(case, str(e)))
         except Exception as e:  # one bad case must not stop the others
             log.debug("%s", traceback.format_exc())
-            msg = f"{case.name}: {type(e).__name__}: {e}"
-            report = {"case": case.name, "status": "failed", "error": msg}
-            results.append(gc_io.case_result(case, msg))
-        reports.append(report)
-        log.info("report %s", json.dumps(report))
-        print(summary_line(report), file=sys.stderr, flush=True)
-    gc_io.write_results(results, args.output)
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(reports, indent=1))
-    if len(cases) > 1:
-        print(batch_table(reports), file=sys.stderr)
-    n_ok = sum(r["status"] == "ok" for r in reports)
+            report = {"case": case.name, "status": "failed", "error": f"{case.name}: {type(e).__name__}: {e}"}
+        run.record(case, report)
+        run.current = None
+    n_ok = sum(r["status"] == "ok" for r in run.reports)
     if n_ok == 0:
-        log.error("no case was segmented (%d failed); see results.json", len(reports))
+        log.error("no case was segmented (%d failed); see results.json", len(run.reports))
         return 1
     return 0

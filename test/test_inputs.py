@@ -106,7 +106,9 @@ def test_empty_or_missing_input_exits_non_zero(tmp_path, setup, phrase):
         inp.mkdir()
     r = run_process("--input", str(inp), "--output", str(tmp_path / "out"))
     assert r.returncode != 0 and phrase in r.stderr, r.stderr
-    assert not (tmp_path / "out" / "results.json").exists()
+    # results.json still says why: one entry with the message, no case
+    [entry] = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert entry["inputs"] == entry["outputs"] == [] and phrase in entry["error_messages"][0]
 
 
 def test_missing_or_inconsistent_weights_exit_non_zero(tmp_path, weights):
