@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,11 @@ MANIFEST = "checksums.json"
 FORMAT = 1
 CHECKPOINT = "checkpoint_final.pth"
 SMALL_FILES = ("plans.json", "dataset.json")
+FOLD_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # fold_<name>/ stays inside the model folder
 SEAL_HINT = "process.py seal --weights {folder}"
-DEMO_WARNING = ("model folder {folder} holds DEMO weights ({manifest} says \"demo\": true): trained on synthetic phantoms, "
-                "they segment phantoms at best, never patients. Real use needs real weights (README, 'The demo weights').")
+DEMO_WARNING = ("model folder {folder} holds DEMO weights ({manifest} says \"demo\": true), not for patients: the "
+                "bundled ones were trained on synthetic phantoms and segment phantoms at best. Real use needs real "
+                "weights (README, 'The demo weights').")
 
 
 class ModelError(ValueError):
@@ -105,8 +108,9 @@ def read_manifest(folder: Path) -> Manifest:
             raise TypeError(f"format {data.get('format') if isinstance(data, dict) else None!r}, expected {FORMAT}")
         folds = data["folds"]
         files = data["files"]
-        if not (isinstance(folds, list) and folds and all(isinstance(f, str) for f in folds)):
-            raise TypeError("'folds' must be a non-empty list of strings")
+        if not (isinstance(folds, list) and folds and all(isinstance(f, str) and FOLD_NAME.match(f) for f in folds)
+                and len(set(folds)) == len(folds)):
+            raise TypeError("'folds' must be a non-empty list of distinct fold names such as \"0\" or \"all\"")
         if not isinstance(files, dict):
             raise TypeError("'files' must be an object")
         for name, entry in files.items():

@@ -210,6 +210,9 @@ def test_a_model_without_manifest_is_refused_until_sealed(weights, tmp_path):
     assert set(manifest["files"]) == {"plans.json", "dataset.json", "fold_0/checkpoint_final.pth",
                                       "fold_1/checkpoint_final.pth"}
     assert load_model(folder).folds == ["0", "1"]
+    (folder / MANIFEST).write_text(json.dumps({"format": 1, "folds": ["0", "../1"], "files": {}}))
+    with pytest.raises(ModelError, match=r"checksums\.json: not a model manifest .* `process\.py seal --weights"):
+        load_model(folder)
 
 
 def test_seal_finds_the_model_in_nnunet_results_and_refuses_a_broken_one(weights, tmp_path):
