@@ -1,4 +1,5 @@
-"""An nnU-Net v2 model folder with random weights for benchmarks: plans.json, dataset.json, fold_*/checkpoint_final.pth.
+"""An nnU-Net v2 model folder with random weights for benchmarks: plans.json, dataset.json, fold_*/checkpoint_final.pth
+and checksums.json (the manifest the engine verifies before loading).
 
 The default is the ToothFairy2 winner's architecture (`bench/tf2_plans.json`, configuration
 3d_fullres_torchres_ps160x320x320_bs2, 43 classes). A configuration missing from the plans is taken from
@@ -121,6 +122,11 @@ def make_model_folder(out: Path, plans_path: Path = TF2_PLANS, dataset_path: Pat
     what = f"random, fitted {fit_steps} steps to a phantom" if fit_steps else "random"
     (out / "provenance.json").write_text(json.dumps({"weights": what, "made_by": "bench/make_model.py", "seed": seed,
                                                      "configuration": configuration, "trainer": TRAINER}, indent=1))
+    if str(REPO) not in sys.path:  # run as a script, the engine's package is beside bench/
+        sys.path.insert(0, str(REPO))
+    from cbctseg.model_manifest import build_manifest, write_manifest
+
+    write_manifest(out, build_manifest(out, [str(f) for f in folds], configuration=configuration, trainer=TRAINER))
     return out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 log = logging.getLogger("cbctseg")
 
-SUBCOMMANDS = ("predict", "train", "phantom", "evaluate", "cutoffs", "compile", "export-triton", "cohort")
+SUBCOMMANDS = ("predict", "train", "phantom", "evaluate", "cutoffs", "compile", "export-triton", "cohort", "seal")
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -114,6 +114,14 @@ def _cutoffs_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="cutoffs file to write (default resources/cutoffs.json)")
 
 
+def _seal_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", type=Path, required=True,
+                   help="the model folder (or a folder holding one, e.g. nnU-Net's results layout)")
+    p.add_argument("--folds", nargs="+", default=None,
+                   help="the folds the model declares (default: every fold_* with a checkpoint_final.pth)")
+    p.add_argument("--demo", action="store_true", help="mark the weights as a demo: every run warns")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="process.py", description=(
         "ToothFairy2 CBCT segmentation (nnU-Net v2 ensemble). Without a subcommand: predict."))
@@ -133,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     triton_export.add_arguments(sub.add_parser(
         "export-triton", help="model folder -> Triton model repository (ONNX or TorchScript), checked"))
     cohort.add_arguments(sub.add_parser("cohort", help="many cases, K in flight, resumable (local or Triton)"))
+    _seal_parser(sub.add_parser("seal", help="write a model folder's checksums.json (its folds and their sha256), "
+                                             "which every run verifies before loading"))
     return parser
 
 
@@ -228,6 +238,21 @@ def cmd_cutoffs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seal(args: argparse.Namespace) -> int:
+    from .model import ModelError, seal_model
+    from .model_manifest import MANIFEST
+
+    try:
+        folder, manifest = seal_model(args.weights, args.folds, args.demo)
+    except ModelError as e:
+        log.error("seal: %s", e)
+        return 2
+    log.info("seal: %s written: folds %s%s", folder / MANIFEST, ", ".join(manifest.folds),
+             " (marked as demo weights)" if manifest.demo else "")
+    print(json.dumps({"folder": str(folder), **manifest.to_json()}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help", "-v", "--verbose"):
@@ -241,5 +266,5 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = {"predict": cmd_predict, "train": cmd_train, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
                 "cutoffs": cmd_cutoffs, "compile": compile_cache.run_from_args,
-                "export-triton": triton_export.run_from_args, "cohort": cohort.run_from_args}
+                "export-triton": triton_export.run_from_args, "cohort": cohort.run_from_args, "seal": cmd_seal}
     return commands[args.command](args)

@@ -1,4 +1,8 @@
-"""An nnU-Net v2 model folder: plans, dataset, folds, mirroring axes and the networks."""
+"""An nnU-Net v2 model folder: plans, dataset, folds, mirroring axes and the networks, verified before loading.
+
+Before any checkpoint is unpickled the folder is checked against its manifest (`model_manifest`: every declared
+fold present, every file's sha256, the labels of resources/labels.json); `seal_model` writes that manifest.
+"""
 from __future__ import annotations
 
 import json
@@ -12,15 +16,11 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from . import precision
+from .model_layout import GC_MODEL_DIR, default_model_folder, locate_model  # noqa: F401 (re-exported)
+from .model_manifest import (CHECKPOINT, DEMO_WARNING, MANIFEST, Manifest, ModelError, build_manifest,
+                             undeclared_folds, verify_folder, write_manifest)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint_final.pth"
-GC_MODEL_DIR = Path("/opt/ml/model")
-
-
-class ModelError(ValueError):
-    """The model folder is missing, incomplete or inconsistent."""
 
 
 @dataclass
@@ -38,6 +38,12 @@ class Model:
     networks: list[torch.nn.Module]
     input_dtype: torch.dtype = torch.float32  # what preprocessing hands the networks (precision.input_dtype)
     compile_decision: dict | None = None  # set once, by the first case
+    demo: bool = False  # the manifest marks these as demo weights
+
+    def describe(self) -> dict:
+        """The model in a case report: where it came from, which folds, whether it is the demo."""
+        return {"folder": str(self.folder), "folds": list(self.folds), "configuration": self.configuration_name,
+                "demo": self.demo}
 
     @property
     def num_classes(self) -> int:
@@ -46,17 +52,6 @@ class Model:
     @property
     def patch_size(self) -> tuple[int, ...]:
         return tuple(self.configuration.patch_size)
-
-
-def is_model_folder(folder: Path) -> bool:
-    """True when the folder holds plans.json and at least one fold checkpoint."""
-    folder = Path(folder)
-    return (folder / "plans.json").is_file() and any(folder.glob(f"fold_*/{CHECKPOINT}"))
-
-
-def default_model_folder(app_weights: Path) -> Path:
-    """/opt/ml/model (a model tarball uploaded to grand-challenge) when it holds a model, else the app's weights."""
-    return GC_MODEL_DIR if is_model_folder(GC_MODEL_DIR) else Path(app_weights)
 
 
 def available_folds(folder: Path) -> list[str]:
@@ -75,10 +70,14 @@ def _load_json(path: Path) -> dict:
 
 
 def load_model(folder: Path, folds: list[str] | None = None, device: torch.device = torch.device("cpu"),
-               expected_classes: int | None = None) -> Model:
-    """Load plans, dataset and each fold's network; checks that the folds agree with each other and the plans.
+               expected_classes: int | None = None, manifest: Manifest | None = None) -> Model:
+    """Verify the model folder, then load plans, dataset and each fold's network; checks that the folds agree
+    with each other and the plans.
 
-    On a GPU the networks are stored as they compute there (`precision.prepare`: fp16 convolutions).
+    Verified first (`model_manifest.verify_folder`, nothing unpickled before): the folder's checksums.json (or
+    `manifest`, when sealing), every fold it declares present (`folds` picks some of them), each file's sha256,
+    dataset.json's labels against resources/labels.json. On a GPU the networks are stored as they compute there
+    (`precision.prepare`: fp16 convolutions).
     """
     folder = Path(folder)
     try:
@@ -87,17 +86,21 @@ def load_model(folder: Path, folds: list[str] | None = None, device: torch.devic
         raise ModelError(str(e)) from None
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} does not exist")
+    if manifest is None and not (folder / "plans.json").is_file() and not (folder / MANIFEST).is_file():
+        located = locate_model(folder)  # no model, or two: the error says what the folder holds
+        if located != folder:
+            raise ModelError(f"{folder} is not a model folder: it holds one in {located}; pass that folder")
+    manifest, folds = verify_folder(folder, folds, manifest)
+    extra = undeclared_folds(folder, manifest)
+    if extra:
+        log.warning("model %s: fold(s) %s have checkpoints but %s does not declare them: not used", folder,
+                    ", ".join(extra), MANIFEST)
     plans = _load_json(folder / "plans.json")
     dataset_json = _load_json(folder / "dataset.json")
-    folds = [str(f) for f in folds] if folds else available_folds(folder)
-    if not folds:
-        raise ModelError(f"model folder {folder}: no fold_*/{CHECKPOINT}")
     plans_manager = PlansManager(plans)
     checkpoints = []
     for f in folds:
         path = folder / f"fold_{f}" / CHECKPOINT
-        if not path.is_file():
-            raise ModelError(f"model folder {folder}: missing fold_{f}/{CHECKPOINT}")
         try:
             checkpoints.append(torch.load(path, map_location="cpu", weights_only=False))
         except Exception as e:  # torch raises many kinds for a damaged file
@@ -134,10 +137,28 @@ def load_model(folder: Path, folds: list[str] | None = None, device: torch.devic
         net = net.to(device).eval()
         precision.prepare(net, device)
         networks.append(net)
-    log.info("model %s: configuration %s, trainer %s, folds %s, mirroring axes %s", folder, configuration_name,
-             trainer_name, folds, mirror)
+    log.info("model %s: configuration %s, trainer %s, folds %s, mirroring axes %s, checksums verified", folder,
+             configuration_name, trainer_name, folds, mirror)
+    if manifest.demo:
+        log.warning(DEMO_WARNING.format(folder=folder, manifest=MANIFEST))
     return Model(folder, folds, plans_manager, configuration_name, configuration, dataset_json, trainer_name,
-                 tuple(mirror) if mirror is not None else (), networks, precision.input_dtype(device))
+                 tuple(mirror) if mirror is not None else (), networks, precision.input_dtype(device),
+                 demo=manifest.demo)
+
+
+def seal_model(folder: Path, folds: list[str] | None = None, demo: bool = False) -> tuple[Path, Manifest]:
+    """Write checksums.json for a model folder (or a folder holding one, as locate_model finds it): its folds
+    (default: every fold_* with a checkpoint) and their sha256. The model must load first, labels included,
+    so that a broken model is never sealed. Returns the model folder and the manifest written."""
+    folder = locate_model(Path(folder))
+    folds = [str(f) for f in folds] if folds else available_folds(folder)
+    if not folds:
+        raise ModelError(f"model folder {folder}: no fold_*/{CHECKPOINT}")
+    manifest = build_manifest(folder, folds, demo)
+    model = load_model(folder, folds, torch.device("cpu"), manifest=manifest)
+    manifest.configuration, manifest.trainer = model.configuration_name, model.trainer_name
+    write_manifest(folder, manifest)
+    return folder, manifest
 
 
 def _short(e: Exception) -> str:

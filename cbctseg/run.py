@@ -127,7 +127,7 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, args: arg
     t["total"] = time.monotonic() - t0
     present = sorted(int(v) for v in np.unique(fdi) if v)
     return {
-        "case": case.name, "status": "ok", "output": str(case.output_path),
+        "case": case.name, "status": "ok", "output": str(case.output_path), "model": model.describe(),
         "shape_zyx": list(vol.array.shape), "spacing_xyz": list(vol.spacing),
         "network_input_shape": list(pre.data.shape[1:]), "device": describe(device),
         "seconds": {k: round(v, 3) for k, v in t.items()}, "prediction": asdict(pred_report),

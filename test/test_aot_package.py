@@ -16,6 +16,7 @@ import torch
 from cbctseg import aot_package, precision
 from cbctseg.compile_cache import maybe_compile
 from cbctseg.model import load_model
+from cbctseg.model_manifest import build_manifest, write_manifest
 from conftest import REPO, run_process
 
 CPU = torch.device("cpu")
@@ -99,6 +100,7 @@ def test_a_package_for_other_plans_is_not_used(packaged, tmp_path):
     shutil.copytree(packaged, folder)
     plans = folder / "plans.json"
     plans.write_text(plans.read_text() + "\n")  # same architecture, but the name no longer matches
+    write_manifest(folder, build_manifest(folder, ["0", "1"]))  # a model of its own, sealed
     model = load_model(folder)
     assert aot_package.load(model.networks, folder, CPU) is None
 

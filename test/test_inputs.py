@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from cbctseg import gc_io
+from cbctseg.model_manifest import build_manifest, write_manifest
 from conftest import run_process, write_phantom
 
 OUT_DIR = "images/oral-pharyngeal-segmentation"
@@ -119,9 +120,11 @@ def test_missing_or_inconsistent_weights_exit_non_zero(tmp_path, weights):
     r = run_process("--input", str(inp), "--output", str(tmp_path / "o1"), "--weights", str(tmp_path / "nowhere"))
     assert r.returncode != 0 and "does not exist" in r.stderr
 
+    # a damaged checkpoint whose manifest was written over it (checksums cannot help): torch's error, named
     broken = tmp_path / "broken"
     shutil.copytree(weights, broken)
     (broken / "fold_1" / "checkpoint_final.pth").write_bytes(b"not a checkpoint")
+    write_manifest(broken, build_manifest(broken, ["0", "1"]))
     r = run_process("--input", str(inp), "--output", str(tmp_path / "o2"), "--weights", str(broken))
     assert r.returncode != 0 and "fold_1" in r.stderr and "cannot be loaded" in r.stderr
 
@@ -131,6 +134,7 @@ def test_missing_or_inconsistent_weights_exit_non_zero(tmp_path, weights):
     arch = plans["configurations"]["3d_fullres_torchres_tiny"]["architecture"]["arch_kwargs"]
     arch["features_per_stage"] = [8, 16, 32, 48]
     (other / "plans.json").write_text(json.dumps(plans))
+    write_manifest(other, build_manifest(other, ["0", "1"]))
     r = run_process("--input", str(inp), "--output", str(tmp_path / "o3"), "--weights", str(other))
     assert r.returncode != 0 and "do not fit" in r.stderr, r.stderr
     for o in ("o1", "o2", "o3"):

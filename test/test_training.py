@@ -45,9 +45,13 @@ def test_training_produces_weights_that_process_py_uses(trained, tmp_path):
     raw, work, weights, seconds, r = trained
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["trainer"] == "nnUNetTrainer_onlyMirror01_custom" and summary["models"] == [1, 2]
-    for name in ("plans.json", "dataset.json", "provenance.json", "fold_0/checkpoint_final.pth",
+    for name in ("plans.json", "dataset.json", "provenance.json", "checksums.json", "fold_0/checkpoint_final.pth",
                  "fold_1/checkpoint_final.pth"):
         assert (weights / name).is_file(), name
+    # the manifest process.py verifies: both folds, the files as assembled (the run below loads them)
+    manifest = json.loads((weights / "checksums.json").read_text())
+    assert manifest["folds"] == ["0", "1"] and manifest["demo"] is False
+    assert manifest["configuration"] == "3d_fullres_torchres_tiny"
     prov = json.loads((weights / "provenance.json").read_text())
     assert prov["configuration"] == "3d_fullres_torchres_tiny" and prov["epochs"] == 1 and prov["nnunetv2"] == "2.8.1"
     ckpt = torch.load(weights / "fold_1" / "checkpoint_final.pth", weights_only=False)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..model_manifest import MANIFEST, build_manifest, write_manifest
 from ..resources import RESOURCES_DIR
 from .convert import DatasetError, convert_dataset, find_cases
 
@@ -173,7 +174,8 @@ def strip_checkpoint(src: Path, dst: Path) -> None:
 
 
 def assemble(opts: TrainOptions) -> Path:
-    """weights/: plans.json, dataset.json, fold_0 and fold_1 from the two `fold_all` runs, provenance.json."""
+    """weights/: plans.json, dataset.json, fold_0 and fold_1 from the two `fold_all` runs, provenance.json and
+    checksums.json (the manifest: the two folds and the sha256 of each file inference reads)."""
     import nnunetv2
 
     dirs = [model_dir(opts, m) for m in (1, 2)]
@@ -197,7 +199,9 @@ def assemble(opts: TrainOptions) -> Path:
         "torch": torch.__version__, "date": _dt.date.today().isoformat(),
     }
     (w / "provenance.json").write_text(json.dumps(provenance, indent=1))
-    log.info("assemble: weights in %s", w)
+    # the manifest every run verifies: the two folds, and the sha256 of what was just written
+    write_manifest(w, build_manifest(w, ["0", "1"], configuration=opts.configuration, trainer=ckpt["trainer_name"]))
+    log.info("assemble: weights in %s (%s written)", w, MANIFEST)
     return w
 
 
