@@ -479,7 +479,7 @@ def finalize(logits: torch.Tensor, pre: Preprocessed, model: Model, device: torc
              is_labels: bool = False, channels_per_chunk: int | None = None) -> torch.Tensor:
     """Label map (uint8, contiguous labels) on the input grid: resample logits back, argmax, un-crop, un-transpose.
 
-    The argmax goes by slices; resampling by chunks of channels (CHUNK_BYTES of fp32 results) with a running
+    The argmax goes by slices; resampling by chunks of channels (CHUNK_BYTES of fp32 copies) with a running
     maximum, so neither the float32 copy nnU-Net makes of all 43 channels nor an int64 index of the volume
     ever exists; the result is the same because resampling treats channels independently.
     """
@@ -495,9 +495,10 @@ def finalize(logits: torch.Tensor, pre: Preprocessed, model: Model, device: torc
         for z0 in range(0, target_shape[0], step):
             labels[z0:z0 + step] = logits[:, z0:z0 + step].to(device).argmax(0)
     else:
-        voxels = int(np.prod(target_shape))
         if channels_per_chunk is None:
-            channels_per_chunk = max(1, CHUNK_BYTES // (voxels * 4))
+            # resampling makes a float32 copy of its input and its float32 result, per channel
+            per_channel = (int(np.prod(logits.shape[1:])) + int(np.prod(target_shape))) * 4
+            channels_per_chunk = max(1, CHUNK_BYTES // per_channel)
         best_val = labels = None
         for c0 in range(0, logits.shape[0], channels_per_chunk):
             chunk = logits[c0:c0 + channels_per_chunk].to(device)
