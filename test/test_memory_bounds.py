@@ -48,3 +48,42 @@ def test_a_wide_case_costs_little_more_than_its_fp16_sums(tmp_path, weights, spa
           f"{growth / 1e6:.0f} MB for {sums / 1e6:.0f} MB of fp16 sums")
     # the sums and a few chunks' temporaries (adding, averaging, argmax, resampling back), never a copy of the sums
     assert growth < sums + 3 * CHUNK_BYTES
+
+
+SEG_LAYER_PEAK = """
+import sys, torch
+from pathlib import Path
+from cbctseg.model import load_model
+
+def rss(field):
+    return next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines()
+                if l.startswith(field + ":"))
+
+seg = load_model(Path(sys.argv[1])).networks[0].decoder.seg_layers[-1]
+x = torch.randn((1, seg.in_channels, 96, 192, 192))
+run = seg if sys.argv[2] == "engine" else (lambda t: seg._conv_forward(t, seg.weight, seg.bias))
+before = rss("VmRSS")
+with torch.inference_mode():
+    y = run(x)
+    # a pointwise convolution of a corner of the input is the corner of its output
+    ref = seg._conv_forward(x[..., :16, :16, :16], seg.weight, seg.bias)
+    err = float((y[..., :16, :16, :16] - ref).abs().max() / ref.abs().max())
+print(rss("VmHWM") - before, y.numel() * y.element_size(), y.is_contiguous(), err)
+"""
+
+
+@pytest.mark.parametrize("how", ["engine", "convolution"])
+def test_the_segmentation_layer_holds_its_output_once_on_the_cpu(weights, how):
+    """The 43-channel output of a window is the forward pass's largest tensor (2.8 GB for a 160x320x320 window
+    in fp32); oneDNN's convolution writes it in its blocked layout and converts it, holding it about twice."""
+    r = subprocess.run([sys.executable, "-c", SEG_LAYER_PEAK, str(WEIGHTS), how], capture_output=True, text=True,
+                       cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    growth, output, contiguous, err = r.stdout.split()
+    growth, output = int(growth), int(output)
+    assert float(err) < 1e-5  # the convolution's answer, to fp32 rounding
+    print(f"{how}: peak {growth / 1e6:.0f} MB above the input for a {output / 1e6:.0f} MB output")
+    if how == "engine":
+        assert contiguous == "True" and growth < 1.25 * output
+    else:  # what the engine avoids (the measurement's own check: it can tell the two apart)
+        assert growth > 1.5 * output
