@@ -10,7 +10,7 @@ report. A guard kills a run whose resident set passes --rss-limit-gb (recorded a
 version that would take the machine's memory cannot.
 
     python bench/host_memory.py [--shapes 8x512x512 298x512x512] [--device cpu] [--folds 0] [--no-mirroring]
-        [--code DIR] [--label after] [--machine "..."] [--out bench/results/host-memory-DATE-LABEL.json]
+        [--code DIR] [--label after] [--machine "..."] [--out bench/results/host_memory/DATE-LABEL.json]
 
 --code DIR runs another checkout's process.py (e.g. the code before a change) on the same model and cases.
 """
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-limit-gb", type=float, default=12.0, help="kill a run whose resident set passes this")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cbctseg-host-memory",
                    help="model folder and cases are kept here between runs")
-    p.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/host-memory-DATE-LABEL.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="result JSON (default bench/results/host_memory/DATE-LABEL.json)")
     a = p.parse_args(argv)
 
     from make_model import TF2_CONFIGURATION, make_model_folder
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             make_model_folder(model, folds=(0, 1), features=None if a.full_width else NARROW_FEATURES,
                               blocks=None if a.full_width else NARROW_BLOCKS)
     date = datetime.date.today().isoformat()
-    out = a.out or BENCH / "results" / f"host-memory-{date}-{a.label}.json"
+    # not results/*.json: bench.py table reads those
+    out = a.out or BENCH / "results" / "host_memory" / f"{date}-{a.label}.json"
     result = {
         "date": date, "label": a.label, "machine": a.machine, "cpu_count": os.cpu_count(),
         "code": str(a.code), "code_commit": git_commit(a.code), "python": platform.python_version(),

@@ -176,8 +176,10 @@ class Accumulator:
         if chunk.dtype == sums.dtype:
             # fp16 network output (autocast): fused, fp32 math and one rounding; the scale applies there too
             sums.addcmul_(chunk, w16, value=self.scale)
+        elif dims:
+            sums += chunk.mul_(w32)  # the flipped chunk is a copy already: weight it in place; w32 carries the scale
         else:
-            sums += chunk * w32  # w32 carries the scale
+            sums += chunk * w32
 
     def weight_on_device(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The window weight on the sums' device: fp16 as it is (addcmul scales it), fp32 already scaled.

@@ -124,8 +124,8 @@ def test_logits_too_large_for_one_fp16_sum_give_nnunets_answer(tmp_path, weights
     ref = nnunet_labels(image, model)
     agreement = float((ours == ref).mean())
     structures = sorted(int(v) for v in np.unique(ref) if v)
-    print(f"logits * {OVERFLOW_FACTOR} + {OVERFLOW_OFFSET}, {accumulation}: agreement with nnUNetPredictor {agreement:.6f}, structures "
-          f"{structures}, foreground {float((ref > 0).mean()):.4f}")
+    print(f"logits * {OVERFLOW_FACTOR} + {OVERFLOW_OFFSET}, {accumulation}: agreement with nnUNetPredictor "
+          f"{agreement:.6f}, structures {structures}, foreground {float((ref > 0).mean()):.4f}")
     assert agreement >= 0.999
     assert len(structures) >= 2 and float((ref > 0).mean()) >= 0.01
 

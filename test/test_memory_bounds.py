@@ -37,7 +37,8 @@ def run_peak(tmp_path, name: str, shape: tuple[int, int, int], spacing: tuple[fl
     return usage.ru_maxrss * 1024
 
 
-@pytest.mark.parametrize("spacing, path", [((1.0, 1.0, 1.0), "streamed"), ((1.0, 1.0, 1.25), "whole volume, resampled")])
+@pytest.mark.parametrize("spacing, path", [((1.0, 1.0, 1.0), "streamed"),
+                                           ((1.0, 1.0, 1.25), "whole volume, resampled")])
 def test_a_wide_case_costs_little_more_than_its_fp16_sums(tmp_path, weights, spacing, path):
     small = run_peak(tmp_path, "small", (8, 96, 96), spacing)
     big = run_peak(tmp_path, "big", (8, 384, 384), spacing)
