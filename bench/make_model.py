@@ -6,6 +6,11 @@ The default is the ToothFairy2 winner's architecture (`bench/tf2_plans.json`, co
 `resources/plans_configurations.json` (e.g. 3d_fullres_torchres_tiny for CPU smoke runs).
 
     python bench/make_model.py OUT_DIR [--plans P] [--dataset D] [--configuration C] [--folds 0 1]
+                                       [--features 4 8 16 32 32 32 32] [--blocks 1 1 1 1 1 1 1]
+
+--features / --blocks narrow the configuration's network (features and residual blocks per encoder stage)
+while keeping its patch, stages and classes: for host-memory measurements on a CPU (`host_memory.py`),
+where the sums, the window's 43-channel output and finalize do not depend on the width.
 """
 from __future__ import annotations
 
@@ -36,6 +41,18 @@ def plans_with(plans_path: Path, configuration: str) -> dict:
             raise ValueError(f"configuration {configuration!r} is neither in {plans_path} nor in "
                              f"resources/plans_configurations.json")
         plans["configurations"][configuration] = extra[configuration]
+    return plans
+
+
+def narrowed(plans: dict, configuration: str, features: list[int] | None = None,
+             blocks: list[int] | None = None) -> dict:
+    """The plans with the configuration's features and encoder blocks per stage replaced (None: kept)."""
+    kw = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
+    for key, value in (("features_per_stage", features), ("n_blocks_per_stage", blocks)):
+        if value is not None:
+            if len(value) != kw["n_stages"]:
+                raise ValueError(f"{key}: {len(value)} values for {kw['n_stages']} stages")
+            kw[key] = list(value)
     return plans
 
 
@@ -98,11 +115,12 @@ def fit_network(net: torch.nn.Module, plans: dict, configuration: str, steps: in
 
 def make_model_folder(out: Path, plans_path: Path = TF2_PLANS, dataset_path: Path = TF2_DATASET,
                       configuration: str = TF2_CONFIGURATION, folds: tuple[int, ...] = (0, 1),
-                      seed: int = 0, fit_steps: int = 0, device: torch.device = torch.device("cpu")) -> Path:
+                      seed: int = 0, fit_steps: int = 0, device: torch.device = torch.device("cpu"),
+                      features: list[int] | None = None, blocks: list[int] | None = None) -> Path:
     """Write a model folder with one randomly initialised network per fold (seeded, so reruns are identical),
     each fitted for `fit_steps` steps to a phantom when asked (see fit_network)."""
     out = Path(out)
-    plans = plans_with(plans_path, configuration)
+    plans = narrowed(plans_with(plans_path, configuration), configuration, features, blocks)
     dataset = json.loads(Path(dataset_path).read_text())
     out.mkdir(parents=True, exist_ok=True)
     (out / "plans.json").write_text(json.dumps(plans, indent=1))
@@ -120,6 +138,8 @@ def make_model_folder(out: Path, plans_path: Path = TF2_PLANS, dataset_path: Pat
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
     what = f"random, fitted {fit_steps} steps to a phantom" if fit_steps else "random"
+    if features or blocks:
+        what += f", narrowed (features {features}, blocks {blocks})"
     (out / "provenance.json").write_text(json.dumps({"weights": what, "made_by": "bench/make_model.py", "seed": seed,
                                                      "configuration": configuration, "trainer": TRAINER}, indent=1))
     if str(REPO) not in sys.path:  # run as a script, the engine's package is beside bench/
@@ -140,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fit-steps", type=int, default=0, help="fit each fold to a phantom for this many steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--features", type=int, nargs="+", default=None, help="features per stage (narrow network)")
+    p.add_argument("--blocks", type=int, nargs="+", default=None, help="encoder blocks per stage")
     a = p.parse_args(argv)
     out = make_model_folder(a.out, a.plans, a.dataset, a.configuration, tuple(a.folds), a.seed, a.fit_steps,
-                            torch.device(a.device))
+                            torch.device(a.device), a.features, a.blocks)
     print(out)
     return 0
 

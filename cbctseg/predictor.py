@@ -9,10 +9,12 @@ the budget stop early and an out-of-memory error cost nothing already done.
 from __future__ import annotations
 
 import logging
+import math
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
@@ -54,16 +56,75 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-class Accumulator:
-    """Gaussian-weighted sums of logits (fp16) and of weights (fp32) over a (padded) image.
+# temporaries of adding a window, averaging and the argmax stay near this many bytes: they go by chunks of
+# channels or slices, so no full-size fp32 (or fp16) copy of the logit sums ever exists beside them
+CHUNK_BYTES = 128 * 1024**2
 
+
+class NonFiniteLogits(RuntimeError):
+    """The averaged logits hold NaN or infinity: the fp16 sums overflowed, or the network answered NaN/inf."""
+
+
+def sum_scale(passes_per_window: int) -> float:
+    """What every pass's weighted logits are multiplied by before they enter the fp16 sums.
+
+    nnU-Net sums one fold's windows in fp16 with the Gaussian (peak 10) over the flips' *mean*, so a voxel's sum
+    reaches about 10-20 times its logits; adding all (fold, flip) passes unscaled would reach that times the
+    number of passes. 1 / (passes per window), rounded down to a power of two, keeps our sums no larger than
+    nnU-Net's per-fold ones; a power of two scales exactly, so the sums are the unscaled ones' bits scaled
+    (wherever they stay normal fp16 numbers), and the weight sums scale the same: the average, also of a
+    partial ensemble, is unchanged.
+    """
+    return 2.0 ** -math.ceil(math.log2(max(1, passes_per_window)))
+
+
+def _slices_per_chunk(per_slice_bytes: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, per_slice_bytes))
+
+
+def _clip(window: tuple[slice, ...], origin: tuple[int, ...], shape: tuple[int, ...]
+          ) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """The part of `window` (padded-image coordinates) inside the region [origin, origin + shape): its slices in
+    the region and in the window, or None when they do not meet."""
+    target, source = [], []
+    for w, o, s in zip(window, origin, shape):
+        a, b = max(w.start, o), min(w.stop, o + s)
+        if a >= b:
+            return None
+        target.append(slice(a - o, b - o))
+        source.append(slice(a - w.start, b - w.start))
+    return tuple(target), tuple(source)
+
+
+def check_finite(avg: torch.Tensor, first_slice: int) -> None:
+    """Raise NonFiniteLogits when a chunk of averaged logits (C, z, ...) holds NaN or infinity."""
+    if bool(torch.isfinite(avg).all()):
+        return
+    nan = int(torch.isnan(avg).sum())
+    inf = int(torch.isinf(avg).sum())
+    raise NonFiniteLogits(
+        f"the network's logits are not finite ({inf} infinite and {nan} NaN values from slice {first_slice} of "
+        f"the network's input on): they overflowed the float16 sums or the network answered NaN/infinity; the "
+        f"model's weights are damaged or scaled far beyond what nnU-Net's float16 inference allows")
+
+
+class Accumulator:
+    """Gaussian-weighted sums of logits (fp16) and of weights (fp32) over a region of the padded image.
+
+    The region (`origin`, `shape` in padded-image coordinates) is the image without its padding: windows are
+    added clipped to it, so a case thinner than the patch holds sums for its own slices only (8 of 160 on a
+    thin case), and the sums of every voxel it holds are exactly those of the whole padded image.
+    Every addition is multiplied by `scale` (sum_scale), the logits' and the weights' alike.
     sum_weights=False: logits only; the owner keeps account of the weights (StreamedLabels).
     """
 
-    def __init__(self, num_classes: int, shape: tuple[int, ...], device: torch.device, sum_weights: bool = True):
-        self.shape = shape
-        self.logits = torch.zeros((num_classes, *shape), dtype=torch.half, device=device)
-        self.weights = torch.zeros(shape, dtype=torch.float32, device=device) if sum_weights else None
+    def __init__(self, num_classes: int, shape: tuple[int, ...], device: torch.device, sum_weights: bool = True,
+                 scale: float = 1.0, origin: tuple[int, ...] | None = None):
+        self.shape = tuple(shape)
+        self.origin = tuple(origin) if origin is not None else (0,) * len(self.shape)
+        self.scale = scale
+        self.logits = torch.zeros((num_classes, *self.shape), dtype=torch.half, device=device)
+        self.weights = torch.zeros(self.shape, dtype=torch.float32, device=device) if sum_weights else None
         self._w: tuple[torch.Tensor, ...] | None = None
 
     @property
@@ -71,16 +132,27 @@ class Accumulator:
         return self.logits.device
 
     def add(self, window: tuple[slice, ...], logits: torch.Tensor, weight: torch.Tensor,
-            flip: tuple[int, ...] | list[int] = (), channels_per_chunk: int = 8) -> None:
+            flip: tuple[int, ...] | list[int] = (), channels_per_chunk: int | None = None) -> None:
         """Add weight * logits (C, *window shape) at window; `flip`: logits are still flipped along these axes.
 
-        Flipping back and weighting go by channel chunks: no full-size temporary of the window's logits.
+        Flipping back and weighting go by chunks of channels (CHUNK_BYTES): no full-size temporary of the
+        window's logits.
         """
-        w16, w32 = self.weight_on_device(weight)
+        clipped = _clip(window, self.origin, self.shape)
+        if clipped is None:
+            return
+        target, source = clipped
+        w16, w32 = (w[source] for w in self.weight_on_device(weight))
         dims = [a + 1 for a in flip]
+        # the same voxels in the network's output, which is still flipped along `flip`
+        size = logits.shape[1:]
+        flipped = tuple(slice(n - s.stop, n - s.start) if a in flip else s
+                        for a, (s, n) in enumerate(zip(source, size)))
+        if channels_per_chunk is None:
+            channels_per_chunk = _slices_per_chunk(w32.numel() * 4)
         for c0 in range(0, logits.shape[0], channels_per_chunk):
             try:
-                self._add_channels(window, logits, c0, c0 + channels_per_chunk, dims, w16, w32)
+                self._add_channels(target, logits, flipped, c0, c0 + channels_per_chunk, dims, w16, w32)
             except RuntimeError as e:
                 if not _is_oom(e):
                     raise
@@ -90,27 +162,32 @@ class Accumulator:
                     torch.cuda.empty_cache()
                 try:
                     for c in range(c0, min(c0 + channels_per_chunk, logits.shape[0])):
-                        self._add_channels(window, logits, c, c + 1, dims, w16, w32)
+                        self._add_channels(target, logits, flipped, c, c + 1, dims, w16, w32)
                 except RuntimeError:
                     # not an "out of memory" error: retrying this item would add its first chunks twice
                     raise RuntimeError("device memory exhausted while adding a window to the sums") from None
         if self.weights is not None:
-            self.weights[window] += w32
+            self.weights[target] += w32
 
-    def _add_channels(self, window, logits, c0: int, c1: int, dims: list[int], w16, w32) -> None:
-        chunk = logits[c0:c1].to(self.device)
+    def _add_channels(self, target, logits, flipped, c0: int, c1: int, dims: list[int], w16, w32) -> None:
+        chunk = logits[(slice(c0, c1), *flipped)].to(self.device)
         chunk = torch.flip(chunk, dims) if dims else chunk
-        target = self.logits[(slice(c0, c1), *window)]
-        if chunk.dtype == target.dtype:
-            # fp16 network output (autocast): fused, fp32 math and one rounding
-            target.addcmul_(chunk, w16)
+        sums = self.logits[(slice(c0, c1), *target)]
+        if chunk.dtype == sums.dtype:
+            # fp16 network output (autocast): fused, fp32 math and one rounding; the scale applies there too
+            sums.addcmul_(chunk, w16, value=self.scale)
+        elif dims:
+            sums += chunk.mul_(w32)  # the flipped chunk is a copy already: weight it in place; w32 carries the scale
         else:
-            target += chunk * w32
+            sums += chunk * w32
 
     def weight_on_device(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The window weight in the sums' dtypes on their device, converted once per weight tensor."""
+        """The window weight on the sums' device: fp16 as it is (addcmul scales it), fp32 already scaled.
+
+        Converted once per weight tensor; scaling by a power of two is exact."""
         if self._w is None or self._w[0] is not weight:
-            self._w = (weight, weight.to(self.device, self.logits.dtype), weight.to(self.device, torch.float32))
+            self._w = (weight, weight.to(self.device, self.logits.dtype),
+                       weight.to(self.device, torch.float32) * self.scale)
         return self._w[1], self._w[2]
 
     def move_to(self, device: torch.device) -> None:
@@ -118,10 +195,20 @@ class Accumulator:
         self.weights = self.weights.to(device) if self.weights is not None else None
 
     def average(self) -> torch.Tensor:
-        """Logit sum divided by weight sum, in place (the accumulator is spent afterwards)."""
-        if not bool((self.weights > 0).all()):
-            raise RuntimeError("some voxels were covered by no window")
-        return self.logits.div_(self.weights)
+        """Logit sums divided by weight sums in place, a few slices at a time (the accumulator is spent afterwards).
+
+        Raises NonFiniteLogits when the result holds NaN or infinity."""
+        per_slice = self.logits[:, :1].numel() * 4  # the fp32 temporary of a mixed-dtype division
+        step = _slices_per_chunk(per_slice)
+        for z0 in range(0, self.shape[0], step):
+            w = self.weights[z0:z0 + step]
+            if not bool((w > 0).all()):
+                raise RuntimeError("some voxels were covered by no window")
+            part = self.logits[:, z0:z0 + step]
+            part.div_(w)
+            check_finite(part, z0)
+        self.weights = None
+        return self.logits
 
 
 class StreamedLabels:
@@ -129,58 +216,75 @@ class StreamedLabels:
 
     The band holds logit sums only. The weight sums are summed again, a few slices at a time, when slices are
     finished, from the windows added so far, in the order they were added: the same fp32 sums a weight band
-    would hold, without keeping one (168 MB on the largest ToothFairy2 case). Works in the padded network
-    space; valid when the logits need no resampling before the argmax.
+    would hold, without keeping one (168 MB on the largest ToothFairy2 case). Holds the region `origin`,
+    `shape` of the padded image (the image without its padding; z coordinates of `z0` and `weights` are the
+    region's, windows and `finish_before` speak padded-image coordinates); valid when the logits need no
+    resampling before the argmax.
     """
 
-    def __init__(self, num_classes: int, shape: tuple[int, ...], patch_z: int, device: torch.device):
-        self.shape, self.num_classes, self.device = shape, num_classes, device
-        self.labels = torch.zeros(shape, dtype=torch.uint8)
-        self.z0 = 0  # first slice held in the band
-        self.band = Accumulator(num_classes, (min(patch_z, shape[0]), *shape[1:]), device, sum_weights=False)
+    def __init__(self, num_classes: int, shape: tuple[int, ...], patch_z: int, device: torch.device,
+                 scale: float = 1.0, origin: tuple[int, ...] | None = None):
+        self.shape, self.num_classes, self.device, self.scale = tuple(shape), num_classes, device, scale
+        self.origin = tuple(origin) if origin is not None else (0,) * len(self.shape)
+        self.labels = torch.zeros(self.shape, dtype=torch.uint8)
+        self.z0 = 0  # first slice (of the region) held in the band
+        self.band = self._band(min(patch_z, self.shape[0]))
         self.added: list[tuple[tuple[slice, ...], torch.Tensor]] = []  # (window, weight) of every add, in order
 
+    def _band(self, slices: int) -> Accumulator:
+        return Accumulator(self.num_classes, (slices, *self.shape[1:]), self.device, sum_weights=False,
+                           scale=self.scale, origin=(self.origin[0] + self.z0, *self.origin[1:]))
+
     def _ensure(self, z_stop: int) -> None:
-        """Grow the band so it reaches z_stop (only when windows are unevenly spaced)."""
+        """Grow the band so it reaches region slice z_stop (only when windows are unevenly spaced)."""
         held = self.band.shape[0]
         if self.z0 + held >= z_stop:
             return
-        bigger = Accumulator(self.num_classes, (z_stop - self.z0, *self.shape[1:]), self.device, sum_weights=False)
+        bigger = self._band(z_stop - self.z0)
         bigger.logits[:, :held] = self.band.logits
         self.band = bigger
 
     def add(self, window: tuple[slice, ...], logits: torch.Tensor, weight: torch.Tensor,
             flip: tuple[int, ...] | list[int] = ()) -> None:
-        if window[0].start < self.z0:
+        clipped = _clip(window, self.origin, self.shape)
+        if clipped is None:
+            return
+        z = clipped[0][0]
+        if z.start < self.z0:
             raise RuntimeError("streamed accumulation needs windows in slice order")
-        self._ensure(window[0].stop)
-        local = (slice(window[0].start - self.z0, window[0].stop - self.z0), *window[1:])
-        self.band.add(local, logits, weight, flip)
+        self._ensure(z.stop)
+        self.band.add(window, logits, weight, flip)
         self.added.append((window, weight))
 
     def weights(self, z_start: int, z_stop: int) -> torch.Tensor:
-        """The weight sums of slices [z_start, z_stop) (image coordinates), summed in the order windows were added."""
+        """The weight sums of region slices [z_start, z_stop), summed in the order windows were added."""
         out = torch.zeros((z_stop - z_start, *self.shape[1:]), dtype=torch.float32, device=self.band.device)
+        origin = (self.origin[0] + z_start, *self.origin[1:])
         for window, weight in self.added:
-            a, b = max(z_start, window[0].start), min(z_stop, window[0].stop)
-            if a < b:
-                w32 = self.band.weight_on_device(weight)[1]
-                out[(slice(a - z_start, b - z_start), *window[1:])] += w32[a - window[0].start:b - window[0].start]
+            clipped = _clip(window, origin, tuple(out.shape))
+            if clipped is not None:
+                target, source = clipped
+                out[target] += self.band.weight_on_device(weight)[1][source]
         return out
 
     def finish_before(self, z: int) -> None:
-        """Every slice before z is final: argmax it to the CPU and drop it from the band."""
-        n = min(z, self.z0 + self.band.shape[0]) - self.z0
+        """Every slice before padded-image slice z is final: argmax it to the CPU and drop it from the band."""
+        n = min(z - self.origin[0], self.z0 + self.band.shape[0]) - self.z0
         if n <= 0:
             return
-        for a in range(0, n, 8):  # a few slices at a time keeps the fp32 temporaries small
-            b = min(n, a + 8)
+        # a few slices at a time keeps the fp32 temporaries small
+        step = _slices_per_chunk(self.band.logits[:, :1].numel() * 6)
+        for a in range(0, n, step):
+            b = min(n, a + step)
             weights = self.weights(self.z0 + a, self.z0 + b)
             if not bool((weights > 0).all()):
                 raise RuntimeError("some voxels were covered by no window")
             # the same fp16 rounding as Accumulator.average, so the argmax is the same
             avg = (self.band.logits[:, a:b] / weights).half()
+            del weights
+            check_finite(avg, self.z0 + a)
             self.labels[self.z0 + a:self.z0 + b] = avg.argmax(0).to(torch.uint8).cpu()
+            del avg
         keep = self.band.shape[0] - n
         # shift the kept slices to the front in place, in chunks of at most n slices: a chunk's source then
         # never overlaps what is written, and no copy of the kept band (1.8 GB on the largest case) is made
@@ -189,10 +293,12 @@ class StreamedLabels:
             self.band.logits[:, a:b] = self.band.logits[:, a + n:b + n]
         self.band.logits[:, keep:] = 0
         self.z0 += n
-        self.added = [(w, g) for w, g in self.added if w[0].stop > self.z0]
+        self.band.origin = (self.origin[0] + self.z0, *self.origin[1:])
+        self.added = [(w, g) for w, g in self.added if w[0].stop > self.origin[0] + self.z0]
 
     def result(self) -> torch.Tensor:
-        self.finish_before(self.shape[0])
+        """The label map of the region (uint8, on the CPU)."""
+        self.finish_before(self.origin[0] + self.shape[0])
         return self.labels
 
 
@@ -238,7 +344,7 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
     requests are on the server while this loop stitches.
 
     Returns (result, is_labels, report): averaged logits (C, z, y, x), or, when streamed, the uint8
-    argmax (z, y, x) on the CPU.
+    argmax (z, y, x) on the CPU. Raises NonFiniteLogits when the averaged logits hold NaN or infinity.
     """
     device = data.device
     budget = budget or Budget(None)
@@ -252,10 +358,14 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
                               passes_planned=len(items) // len(windows), items_planned=len(items),
                               budget_left_at_start_s=None if budget.deadline is None else round(budget.left(), 1))
     gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=device)
+    # the sums cover the image without its padding (the padding's logits would be cropped away anyway)
+    origin, region = tuple(int(s.start) for s in revert[1:]), tuple(data.shape[1:])
+    scale = sum_scale(report.passes_planned)
     if streamed:
-        acc = StreamedLabels(model.num_classes, shape, patch[0], device)
+        acc = StreamedLabels(model.num_classes, region, patch[0], device, scale, origin)
     else:
-        acc = Accumulator(model.num_classes, shape, device if accumulation == Accumulation.DEVICE else torch.device("cpu"))
+        acc = Accumulator(model.num_classes, region, device if accumulation == Accumulation.DEVICE
+                          else torch.device("cpu"), scale=scale, origin=origin)
     done = [False] * len(items)
     mandatory_left = sum(1 for it in items if it.mandatory)
     bar = tqdm(total=len(items), desc="sliding window", unit="window", disable=not progress, leave=False)
@@ -344,10 +454,8 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
         else:
             report.skipped.append(f"{name}: {missing} of {len(windows)} windows ({skip_reason})")
     if streamed:
-        labels = acc.result()
-        return labels[revert[1:]], True, report
-    logits = acc.average()
-    return logits[(slice(None), *revert[1:])], False, report
+        return acc.result(), True, report
+    return acc.average(), False, report
 
 
 def _recover_from_oom(acc, report: PredictionReport, device: torch.device, streamed: bool) -> None:
@@ -370,11 +478,12 @@ def _recover_from_oom(acc, report: PredictionReport, device: torch.device, strea
 
 @torch.inference_mode()
 def finalize(logits: torch.Tensor, pre: Preprocessed, model: Model, device: torch.device,
-             is_labels: bool = False, channels_per_chunk: int = 8) -> torch.Tensor:
+             is_labels: bool = False, channels_per_chunk: int | None = None) -> torch.Tensor:
     """Label map (uint8, contiguous labels) on the input grid: resample logits back, argmax, un-crop, un-transpose.
 
-    Resampling runs over channel chunks with a running argmax, so the float32 copy nnU-Net makes of all
-    43 channels never exists; the result is the same because resampling treats channels independently.
+    The argmax goes by slices; resampling by chunks of channels (CHUNK_BYTES of fp32 copies) with a running
+    maximum, so neither the float32 copy nnU-Net makes of all 43 channels nor an int64 index of the volume
+    ever exists; the result is the same because resampling treats channels independently.
     """
     pm, cm = model.plans_manager, model.configuration
     target_shape = tuple(pre.shape_after_cropping)
@@ -383,23 +492,33 @@ def finalize(logits: torch.Tensor, pre: Preprocessed, model: Model, device: torc
             raise RuntimeError("streamed labels need no resampling; use another accumulation for this case")
         labels = logits.to(device)
     elif tuple(logits.shape[1:]) == target_shape:
-        labels = logits.to(device).argmax(0).to(torch.uint8)
+        labels = torch.empty(target_shape, dtype=torch.uint8, device=device)
+        step = _slices_per_chunk(logits[:, :1].numel() * 8)
+        for z0 in range(0, target_shape[0], step):
+            labels[z0:z0 + step] = logits[:, z0:z0 + step].to(device).argmax(0)
     else:
-        best_val = best_idx = None
+        if channels_per_chunk is None:
+            # resampling makes a float32 copy of its input and its float32 result, per channel
+            per_channel = (int(np.prod(logits.shape[1:])) + int(np.prod(target_shape))) * 4
+            channels_per_chunk = max(1, CHUNK_BYTES // per_channel)
+        best_val = labels = None
         for c0 in range(0, logits.shape[0], channels_per_chunk):
             chunk = logits[c0:c0 + channels_per_chunk].to(device)
             res = _call_with_device(cm.resampling_fn_probabilities, chunk, target_shape, pre.target_spacing,
-                                    pre.spacing_transposed, device=device).float()
-            val, idx = res.max(0)
-            idx = idx.to(torch.uint8) + c0
-            if best_val is None:
-                best_val, best_idx = val, idx
-            else:
+                                    pre.spacing_transposed, device=device)
+            del chunk
+            for j in range(res.shape[0]):
+                val = res[j].float()
+                if best_val is None:
+                    best_val = val.clone()  # not a view: res is freed chunk by chunk
+                    labels = torch.zeros(target_shape, dtype=torch.uint8, device=device)
+                    continue
                 better = val > best_val  # strict: the lower class wins ties, as argmax does
-                best_val = torch.where(better, val, best_val)
-                best_idx = torch.where(better, idx, best_idx)
-            del res, val, idx
-        labels = best_idx
+                labels.masked_fill_(better, c0 + j)
+                torch.maximum(best_val, val, out=best_val)
+                del better, val
+            del res
+        del best_val
     full = torch.zeros(pre.shape_before_cropping, dtype=torch.uint8, device=device)
     full[tuple(slice(b[0], b[1]) for b in pre.bbox)] = labels
     return full.permute(*pm.transpose_backward)

@@ -57,18 +57,22 @@ def forward_bytes(model: Model, batch_size: int = 1) -> int:
 def choose_accumulation(model: Model, shape: tuple[int, ...], needs_resampling: bool, device: torch.device,
                         requested: str = "auto", batch_size: int = 1) -> Accumulation:
     """Where the logits accumulate: streamed bands on the GPU when the case needs no resampling (the least GPU
-    memory at the same speed), else the whole volume on the GPU when it fits in free memory, else the CPU."""
+    memory at the same speed), else the whole volume on the GPU when it fits in free memory, else the CPU.
+
+    On the CPU: streamed bands when the case needs no resampling (the ToothFairy2 case: a band of one patch's
+    slices instead of the whole volume's fp16 sums, 3.6 GB instead of 6.7 GB on the largest case), else the
+    whole volume, which the resampling back needs."""
     if requested != "auto":
         return Accumulation(requested)
     free = free_memory(device)
     if free is None:
-        return Accumulation.DEVICE
-    padded = [max(s, p) for s, p in zip(shape, model.patch_size)]
-    per_slice = int(np.prod(padded[1:])) * (2 * model.num_classes + 4)
+        return Accumulation.DEVICE if needs_resampling else Accumulation.STREAMED
+    # the sums cover the image without the padding to the patch size (predictor.Accumulator)
+    per_slice = int(np.prod(shape[1:])) * (2 * model.num_classes + 4)
     margin = forward_bytes(model, batch_size) + 1024**3
-    if not needs_resampling and per_slice * model.patch_size[0] + margin < free:
+    if not needs_resampling and per_slice * min(model.patch_size[0], shape[0]) + margin < free:
         return Accumulation.STREAMED
-    if per_slice * padded[0] + margin < free:
+    if per_slice * shape[0] + margin < free:
         return Accumulation.DEVICE
     return Accumulation.CPU
 
