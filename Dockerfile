@@ -13,10 +13,10 @@
 # TORCH_INDEX_URL is where torch comes from: PyTorch's index for TORCH_CUDA by default; empty means PyPI
 # (whose torch is its default CUDA build, CUDA 13 for 2.14, and runs on a CPU too), for machines that cannot
 # reach PyTorch's index: `./build.sh cbctseg --build-arg TORCH_INDEX_URL=`.
-# Size estimate: python:3.11-slim ~0.15 GB + torch cu126 with its nvidia-* CUDA 12 libraries and triton
-# ~4.5-5 GB + nnunetv2 / SimpleITK / scipy and the rest ~1 GB + app and weights -> about 6-7 GB
-# uncompressed (limit 10 GB; the same stack with PyPI's CUDA 13 torch 2.14.1 measures 6.4 GB as a venv,
-# test/make_sandbox_venv.sh), about 3.5 GB as the gzipped export. Not measured: no Docker engine here.
+# Size (limit 10 GB): built with TORCH_INDEX_URL= (PyPI's torch 2.14.1 and its CUDA 13 libraries) the image
+# measures 6.96 GB uncompressed, 5.8 GB of it the torch layer, and 3.2 GiB as export.sh's archive (README,
+# "Measured"). The cu126 build (CUDA 12 libraries instead of 13) is not measured: PyTorch's index cannot be
+# reached from the machines that built it.
 FROM python:3.11-slim-bookworm
 
 ARG TORCH_VERSION=2.14.1
