@@ -10,15 +10,19 @@
 # versions requirements.txt pins for development and CI. Not verified from here (download.pytorch.org
 # is unreachable); 2.14.1+cu126 is widely reported in use. For a CUDA 13 host (driver >= 580) build with
 #   --build-arg TORCH_VERSION=2.15.0 --build-arg TORCHVISION_VERSION=0.29.2 --build-arg TORCH_CUDA=cu130
-# Size estimate: python:3.11-slim ~0.15 GB + torch cu126 with its nvidia-* CUDA 12 libraries and triton
-# ~4.5-5 GB + nnunetv2 / SimpleITK / scipy and the rest ~1 GB + app and weights -> about 6-7 GB
-# uncompressed (limit 10 GB; the same stack with PyPI's CUDA 13 torch 2.14.1 measures 6.4 GB as a venv,
-# test/make_sandbox_venv.sh), about 3.5 GB as the gzipped export. Not measured: no Docker engine here.
+# TORCH_INDEX_URL is where torch comes from: PyTorch's index for TORCH_CUDA by default; empty means PyPI
+# (whose torch is its default CUDA build, CUDA 13 for 2.14, and runs on a CPU too), for machines that cannot
+# reach PyTorch's index: `./build.sh cbctseg --build-arg TORCH_INDEX_URL=`.
+# Size (limit 10 GB): built with TORCH_INDEX_URL= (PyPI's torch 2.14.1 and its CUDA 13 libraries) the image
+# measures 6.96 GB uncompressed, 5.8 GB of it the torch layer, and 3.2 GiB as export.sh's archive (README,
+# "Measured"). The cu126 build (CUDA 12 libraries instead of 13) is not measured: PyTorch's index cannot be
+# reached from the machines that built it.
 FROM python:3.11-slim-bookworm
 
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG TORCH_CUDA=cu126
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_CUDA}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -36,9 +40,12 @@ ENV HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# torch first, from PyTorch's index (its dependencies, the nvidia-*-cu12 libraries, come from there too).
-RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" \
-        "torch==${TORCH_VERSION}+${TORCH_CUDA}" "torchvision==${TORCHVISION_VERSION}+${TORCH_CUDA}"
+# torch first, from PyTorch's index (its dependencies, the nvidia-*-cu12 libraries, come from there too);
+# an empty TORCH_INDEX_URL means PyPI, whose versions carry no label (+cu126).
+RUN label="${TORCH_INDEX_URL:++${TORCH_CUDA}}" \
+    && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL:-https://pypi.org/simple}" \
+        "torch==${TORCH_VERSION}${label}" "torchvision==${TORCHVISION_VERSION}${label}" \
+    && python -c "import torch; v = torch.__version__; assert v.split('+')[0] == '${TORCH_VERSION}' and v.endswith('${label}'), v"
 
 # Then every other pin of requirements.txt. Its torch/torchvision lines (PyPI's CUDA 13 build) are left
 # out and the installed ones are held by a constraint, so nothing can replace the CUDA 12 build.
@@ -47,7 +54,7 @@ RUN grep -vE '^(torch|torchvision)==' /tmp/requirements.txt > /tmp/requirements-
     && pip freeze | grep -E '^(torch|torchvision)==' > /tmp/constraints.txt \
     && pip install --no-cache-dir -r /tmp/requirements-image.txt -c /tmp/constraints.txt \
     && pip check \
-    && python -c "import torch; assert torch.__version__ == '${TORCH_VERSION}+${TORCH_CUDA}', torch.__version__" \
+    && pip freeze | grep -E '^(torch|torchvision)==' | diff /tmp/constraints.txt - \
     && rm /tmp/requirements.txt /tmp/requirements-image.txt /tmp/constraints.txt
 
 # uid 1000 as on grand-challenge's templates. /output is created and owned by the user so that a fresh

@@ -1,15 +1,14 @@
-"""The container: lint (hadolint, shellcheck), the bubblewrap sandbox that imitates grand-challenge's
-runtime (test/sandbox.sh), the entrypoint run in it on the sample cases, and the output checker.
+"""The container: lint (hadolint, shellcheck), the real image run as grand-challenge runs it, and the output
+checker.
 
-Tools missing (hadolint, shellcheck, bwrap, a sandbox venv) skip their tests, or fail them when
-CBCTSEG_REQUIRE_CONTAINER_TOOLS=1 (CI). The entrypoint tests need CBCTSEG_SANDBOX_VENV, a venv made by
-test/make_sandbox_venv.sh; the sandbox mechanics use a bare venv of Debian's python3 made here.
+The image checks run the image named by CBCTSEG_IMAGE (e.g. localhost/cbctseg:local, built by ./build.sh;
+.ci/run builds it and sets it) with Docker or podman, as container/engine.sh chooses. Without it they are
+skipped; tools or image missing fail them instead when CBCTSEG_REQUIRE_CONTAINER_TOOLS=1 (CI).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -23,14 +22,20 @@ import pytest
 import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parent.parent
-SANDBOX = REPO / "test" / "sandbox.sh"
+ENGINE = REPO / "container" / "engine.sh"
 REQUIRE = os.environ.get("CBCTSEG_REQUIRE_CONTAINER_TOOLS") == "1"
 SAMPLE_INPUT = REPO / "test" / "input"
 SAMPLE_EXPECTED = REPO / "test" / "expected_output"
 OUTPUT_SLUG = Path("images") / "oral-pharyngeal-segmentation"
+# grand-challenge's restrictions for an algorithm run (its own test script's flags, as test.sh passes them)
+GC_LIMITS = ["--network", "none", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--shm-size", "128m",
+             "--pids-limit", "256", "--memory", "8g", "--memory-swap", "8g"]
+SHM_BYTES = 128 * 1024 * 1024
+GC_SIZE_LIMIT = 10 * 1000**3  # bytes, uncompressed
 
 sys.path.insert(0, str(REPO / "test"))
 import compare_outputs  # noqa: E402
+from conftest import write_phantom  # noqa: E402
 
 
 def unavailable(reason: str) -> None:
@@ -58,8 +63,8 @@ def test_hadolint_dockerfile():
 
 
 def shell_scripts() -> list[Path]:
-    """Every *.sh of the repository, outside hidden folders (.venv, .git) and work folders."""
-    found = []
+    """Every *.sh of the repository, outside hidden folders (.venv, .git) and work folders, and .ci/run."""
+    found = [REPO / ".ci" / "run"]
     for root, dirs, files in os.walk(REPO):
         dirs[:] = [d for d in dirs if not d.startswith(".") and d not in {"work_dir", "out", "__pycache__"}]
         found += [Path(root) / f for f in files if f.endswith(".sh")]
@@ -71,158 +76,138 @@ def test_shellcheck_scripts():
     if shellcheck is None:
         unavailable("shellcheck not found (apt-get install -y shellcheck)")
     scripts = shell_scripts()
-    assert SANDBOX in scripts and REPO / "test.sh" in scripts
+    assert ENGINE in scripts and REPO / "test.sh" in scripts
     r = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, f"shellcheck:\n{r.stdout}{r.stderr}"
 
 
-# --- the sandbox imitates the Dockerfile ------------------------------------------------------------
+# --- the image, run as grand-challenge runs it ---------------------------------------------------------
 
-def dockerfile_env() -> dict[str, str]:
-    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
-    env = {}
-    for line in text.splitlines():
-        if line.startswith("ENV "):
-            env.update(kv.split("=", 1) for kv in line.split()[1:])
-    return env
+def engine(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """docker or podman (container/engine.sh chooses, with the settings this host needs)."""
+    return subprocess.run(["bash", str(ENGINE), *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_sandbox_mounts_what_the_dockerfile_copies():
-    docker = (REPO / "Dockerfile").read_text()
-    copied = sorted(m.rstrip("/") for m in re.findall(r"^COPY (\S+) /opt/app/", docker, re.M))
-    app_paths = re.search(r"^APP_PATHS=\((.*)\)", SANDBOX.read_text(), re.M).group(1).split()
-    assert copied == sorted(app_paths)
-    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])", docker, re.M).group(1))
-    assert f"cmd=({' '.join(entrypoint)})" in SANDBOX.read_text()
+@pytest.fixture(scope="module")
+def image() -> str:
+    name = os.environ.get("CBCTSEG_IMAGE")
+    if not name:
+        unavailable("CBCTSEG_IMAGE not set (build the image with ./build.sh, then CBCTSEG_IMAGE=cbctseg)")
+    try:
+        r = engine("image", "inspect", name)
+    except FileNotFoundError:
+        unavailable("bash not found")
+    if r.returncode != 0:
+        unavailable(f"image {name} not found: {r.stderr.strip()[-500:]}")
+    return name
 
 
 @pytest.fixture(scope="module")
 def shared_dir():
-    """A folder uid 1000 can reach (pytest's tmp_path lives under a 0700 folder of the caller)."""
-    path = Path(tempfile.mkdtemp(prefix="cbctseg-sandbox-test-"))
+    """Host folders mounted into containers (the image's uid 1000 must be able to write outputs)."""
+    path = Path(tempfile.mkdtemp(prefix="cbctseg-image-test-"))
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 def new_dir(parent: Path, name: str) -> Path:
-    path = parent / name
+    path = parent / f"{name}-{time.monotonic_ns()}"
     path.mkdir(parents=True)
-    path.chmod(0o777)  # writable for uid 1000 also where the caller is another non-root user
+    path.chmod(0o777)  # writable for the image's uid 1000, whoever runs the test
     return path
 
 
-@pytest.fixture(scope="module")
-def bare_venv(shared_dir):
-    """A venv of Debian's python3 without packages: enough for the sandbox mechanics."""
-    for tool in ("bwrap", "setpriv", "prlimit"):
-        if shutil.which(tool) is None:
-            unavailable(f"{tool} not found (apt-get install -y bubblewrap util-linux)")
-    if not Path("/usr/bin/python3").is_file():
-        unavailable("/usr/bin/python3 not found (the sandbox needs an interpreter outside /root)")
-    venv = shared_dir / "bare-venv"
-    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
-    r = run_sandbox(venv, ["true"], shared_dir)
-    if r.returncode != 0:
-        unavailable(f"bubblewrap cannot create its namespaces here: {r.stderr.strip()}")
-    return venv
+def run_image(image: str, args: list[str] = (), *, input_dir: Path, output_dir: Path, model: Path | None = None,
+              entrypoint: str | None = None, name: str | None = None, timeout: float = 1800):
+    """The image's entrypoint (or `entrypoint`) under grand-challenge's limits, /input read-only."""
+    cmd = ["run", *(["--name", name] if name else ["--rm"]), *GC_LIMITS,
+           "--volume", f"{input_dir}:/input:ro", "--volume", f"{output_dir}:/output"]
+    if model is not None:
+        cmd += ["--volume", f"{model}:/opt/ml/model:ro"]
+    if entrypoint:
+        cmd += ["--entrypoint", entrypoint]
+    return engine(*cmd, image, *args, timeout=timeout)
 
 
-def run_sandbox(venv: Path, command: list[str], parent: Path, *, input_dir: Path | None = None,
-                output_dir: Path | None = None, extra: list[str] = (), timeout: float = 120):
-    output_dir = output_dir or new_dir(parent, f"out-{time.monotonic_ns()}")
-    input_dir = input_dir or new_dir(parent, f"in-{time.monotonic_ns()}")
-    return subprocess.run(["bash", str(SANDBOX), "--venv", str(venv), "--input", str(input_dir),
-                           "--output", str(output_dir), *extra, "--", *command],
-                          capture_output=True, text=True, timeout=timeout)
+def check_output(out: Path) -> None:
+    r = subprocess.run([sys.executable, str(REPO / "test" / "compare_outputs.py"), "--output", str(out),
+                        "--expected", str(SAMPLE_EXPECTED)], capture_output=True, text=True)
+    assert r.returncode == 0, f"compare_outputs.py:\n{r.stdout}{r.stderr}"
 
 
-INTROSPECT = """
-import getpass, json, os, resource
-open("/output/written", "w").write("x")
-open("/tmp/written", "w").write("x")
+def label_maps(out: Path) -> list[Path]:
+    return sorted((out / OUTPUT_SLUG).glob("*.mha"))
+
+
+def test_image_size_is_under_grand_challenges_limit(image):
+    r = engine("image", "inspect", "--format", "{{.Size}}", image)
+    assert r.returncode == 0, r.stderr
+    size = int(r.stdout.strip())
+    print(f"{image}: {size / 1e9:.2f} GB uncompressed")
+    assert size < GC_SIZE_LIMIT
+
+
+INTROSPECT = r"""
+import errno, getpass, json, os, socket
+def attempt(fn):
+    try:
+        fn()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+def write(path):
+    return attempt(lambda: open(path, "w").write("x"))
+def connect(address):
+    return attempt(lambda: socket.create_connection(address, timeout=10).close())
+server = socket.create_server(("127.0.0.1", 0))
 shm = os.statvfs("/dev/shm")
-print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "user": getpass.getuser(), "cwd": os.getcwd(),
-                  "shm": shm.f_blocks * shm.f_frsize, "nproc": resource.getrlimit(resource.RLIMIT_NPROC),
-                  "env": dict(os.environ), "app": sorted(os.listdir("/opt/app"))}))
+print(json.dumps({
+    "uid": os.getuid(), "gid": os.getgid(), "user": getpass.getuser(), "cwd": os.getcwd(),
+    "shm": shm.f_blocks * shm.f_frsize,
+    "writes": {p: write(p) for p in ["/output/written", "/tmp/written", "/opt/app/x", "/opt/app/cbctseg/x",
+                                     "/opt/app/weights/x", "/input/x", "/usr/x", "/etc/x", "/x", "/home/x"]},
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737), never routed: nothing real is contacted even on a leak
+    "outside": connect(("192.0.2.1", 80)), "loopback": connect(server.getsockname()),
+}))
 """
 
 
 @pytest.fixture(scope="module")
-def inside(bare_venv, shared_dir):
-    """What a process sees in the sandbox, and the output folder it wrote to."""
-    out = new_dir(shared_dir, "introspect-out")
-    r = run_sandbox(bare_venv, ["python", "-c", INTROSPECT], shared_dir, output_dir=out)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout), out
+def inside(image, shared_dir):
+    """What a process sees in the image under grand-challenge's limits, and the host folders it had."""
+    input_dir, output_dir = new_dir(shared_dir, "introspect-in"), new_dir(shared_dir, "introspect-out")
+    r = run_image(image, ["-c", INTROSPECT], input_dir=input_dir, output_dir=output_dir, entrypoint="python",
+                  timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), input_dir, output_dir
 
 
-def test_sandbox_runs_as_uid_1000(inside):
-    seen, out = inside
+def test_image_runs_as_uid_1000(inside):
+    seen, _, out = inside
     assert (seen["uid"], seen["gid"], seen["user"]) == (1000, 1000, "user")
-    # and really unprivileged on the host when started by root, not root mapped to 1000
-    assert (out / "written").stat().st_uid == (1000 if os.getuid() == 0 else os.getuid())
+    assert seen["cwd"] == "/opt/app"
+    if os.getuid() == 0:  # a rootful engine: the container's uid is the host's
+        assert (out / "written").stat().st_uid == 1000
 
 
-def test_sandbox_limits(inside):
-    seen, _ = inside
-    assert seen["shm"] == 128 * 1024 * 1024
-    assert seen["nproc"] == [256, 256]
+def test_image_writes_only_output_and_tmp(inside):
+    seen, input_dir, out = inside
+    writes = seen["writes"]
+    assert writes.pop("/output/written") == "ok" and writes.pop("/tmp/written") == "ok"
+    assert {p: e for p, e in writes.items() if e not in ("EACCES", "EROFS")} == {}
+    assert list(input_dir.iterdir()) == [] and (out / "written").is_file()
 
 
-def test_sandbox_environment_is_the_dockerfiles(inside):
-    seen, _ = inside
-    env = dict(seen["env"])
-    assert env.pop("PATH").split(":")[0].endswith("/bin")  # the venv first, as the image's python is
-    assert env.pop("PWD") == "/opt/app" == seen["cwd"]  # the image's WORKDIR
-    assert env.pop("LANG") == "C.UTF-8"  # set by the python base image
-    assert env == dockerfile_env()
-    assert seen["app"] == ["cbctseg", "process.py", "resources", "weights"]
+def test_image_has_no_network_but_loopback(inside):
+    seen, _, _ = inside
+    assert seen["outside"] == "ENETUNREACH"
+    assert seen["loopback"] == "ok"
 
 
-@pytest.mark.parametrize("path", ["/opt/app/x", "/opt/app/cbctseg/x", "/home/x", "/x", "/usr/x", "/etc/x",
-                                  "/input/x"])
-def test_sandbox_write_outside_output_and_tmp_fails(bare_venv, shared_dir, path):
-    input_dir = new_dir(shared_dir, f"in-write-{path.strip('/').replace('/', '-')}")
-    r = run_sandbox(bare_venv, ["python", "-c", "import sys; open(sys.argv[1], 'w').write('x')", path],
-                    shared_dir, input_dir=input_dir)
-    assert r.returncode != 0
-    assert re.search(r"Read-only file system|No such file or directory|Permission denied", r.stderr), r.stderr
-    assert not (input_dir / "x").exists()
-
-
-def test_sandbox_has_no_network(bare_venv, shared_dir):
-    # 192.0.2.1 is TEST-NET-1 (RFC 5737), never routed: nothing real is contacted even on a leak.
-    code = "import socket; socket.create_connection(('192.0.2.1', 80), timeout=10)"
-    start = time.monotonic()
-    r = run_sandbox(bare_venv, ["python", "-c", code], shared_dir)
-    assert r.returncode != 0
-    assert "Network is unreachable" in r.stderr, r.stderr
-    assert time.monotonic() - start < 8, "the connection should fail at once, not time out"
-
-
-def test_sandbox_has_loopback(bare_venv, shared_dir):
-    code = ("import socket; s = socket.create_server(('127.0.0.1', 0)); "
-            "socket.create_connection(s.getsockname(), timeout=5); print('ok')")
-    r = run_sandbox(bare_venv, ["python", "-c", code], shared_dir)
-    assert (r.returncode, r.stdout.strip()) == (0, "ok"), r.stderr
-
-
-def test_sandbox_returns_the_commands_exit_status(bare_venv, shared_dir):
-    r = run_sandbox(bare_venv, ["python", "-c", "import sys; sys.exit(3)"], shared_dir)
-    assert r.returncode == 3
-
-
-# --- the real entrypoint in the sandbox --------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def sandbox_venv(bare_venv) -> Path:
-    venv = os.environ.get("CBCTSEG_SANDBOX_VENV")
-    if not venv:
-        unavailable("CBCTSEG_SANDBOX_VENV not set (build one: test/make_sandbox_venv.sh DIR)")
-    if not (Path(venv) / ".requirements.sha256").is_file():
-        unavailable(f"CBCTSEG_SANDBOX_VENV={venv} is not a finished test/make_sandbox_venv.sh venv")
-    return Path(venv)
+def test_image_has_grand_challenges_shm(inside):
+    seen, _, _ = inside
+    assert seen["shm"] == SHM_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -234,24 +219,8 @@ def sample_cases() -> list[Path]:
     return cases
 
 
-def check_output(out: Path) -> None:
-    r = subprocess.run([sys.executable, str(REPO / "test" / "compare_outputs.py"), "--output", str(out),
-                        "--expected", str(SAMPLE_EXPECTED)], capture_output=True, text=True)
-    assert r.returncode == 0, f"compare_outputs.py:\n{r.stdout}{r.stderr}"
-
-
-def test_entrypoint_in_sandbox_on_sample_cases(sandbox_venv, sample_cases, shared_dir):
-    out = new_dir(shared_dir, "entrypoint-out")
-    start = time.monotonic()
-    r = run_sandbox(sandbox_venv, [], shared_dir, input_dir=SAMPLE_INPUT, output_dir=out, timeout=1800)
-    took = time.monotonic() - start
-    assert r.returncode == 0, f"entrypoint failed in the sandbox:\n{r.stderr[-5000:]}"
-    check_output(out)
-    print(f"sandboxed entrypoint: {len(sample_cases)} case(s) in {took:.1f} s")
-
-
-def test_entrypoint_uses_an_uploaded_model_tarball(sandbox_venv, sample_cases, shared_dir):
-    """export.sh's model.tar.gz, unpacked at /opt/ml/model as grand-challenge does."""
+def model_tarball_folder(shared_dir: Path) -> Path:
+    """export.sh's model.tar.gz, unpacked as grand-challenge does at /opt/ml/model."""
     export_dir = new_dir(shared_dir, "export")
     env = dict(os.environ, CBCTSEG_EXPORT_DIR=str(export_dir))
     subprocess.run(["bash", str(REPO / "export.sh"), "model"], check=True, env=env, capture_output=True)
@@ -261,44 +230,123 @@ def test_entrypoint_uses_an_uploaded_model_tarball(sandbox_venv, sample_cases, s
         # filter= exists from Python 3.11.4 (Debian 12 ships 3.11.2); the archive is our own
         tar.extractall(model, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     subprocess.run(["chmod", "-R", "a+rX", str(model)], check=True)
+    return model
+
+
+def changed_paths(container: str) -> list[str]:
+    """What the container changed in the image's file system (`diff`: lines 'A|C|D PATH')."""
+    r = engine("diff", container)
+    assert r.returncode == 0, r.stderr
+    return [line.split(None, 1)[1] for line in r.stdout.splitlines() if line.strip()]
+
+
+def test_image_segments_with_an_uploaded_model_and_changes_only_tmp(image, sample_cases, shared_dir):
+    """The sample case with a model tarball at /opt/ml/model: the model used, the expected output, and nothing
+    written in the image outside /tmp (/output is a mount).
+
+    What the engine itself changes to start a container (mount points such as /opt/ml/model, /etc/hosts) is
+    what a container doing nothing (`true`) with the same mounts changes; the run may change that and /tmp.
+    """
+    model = model_tarball_folder(shared_dir)
     out = new_dir(shared_dir, "model-out")
-    r = run_sandbox(sandbox_venv, [], shared_dir, input_dir=SAMPLE_INPUT, output_dir=out,
-                    extra=["--model", str(model)], timeout=1800)
-    assert r.returncode == 0, f"entrypoint failed with /opt/ml/model:\n{r.stderr[-5000:]}"
-    assert "/opt/ml/model" in r.stderr, "the log should name the model folder it used"
-    check_output(out)
+    names = [f"cbctseg-test-{os.getpid()}-{time.monotonic_ns()}-{kind}" for kind in ("run", "idle")]
+    try:
+        r = run_image(image, input_dir=SAMPLE_INPUT, output_dir=out, model=model, name=names[0])
+        assert r.returncode == 0, f"the image failed with /opt/ml/model:\n{r.stderr[-5000:]}"
+        assert "model /opt/ml/model:" in r.stderr, "the log should name the model folder it used"
+        check_output(out)
+        idle = run_image(image, input_dir=SAMPLE_INPUT, output_dir=new_dir(shared_dir, "idle-out"), model=model,
+                         name=names[1], entrypoint="true", timeout=300)
+        assert idle.returncode == 0, idle.stderr[-3000:]
+        changed, by_engine = changed_paths(names[0]), set(changed_paths(names[1]))
+    finally:
+        for name in names:  # one by one: podman removes none of them when one does not exist
+            engine("rm", "--force", name)
+    assert "/tmp" in changed, "the run should have used /tmp (caches), or this check sees nothing"
+    outside = [p for p in changed if p not in by_engine and p != "/tmp" and not p.startswith("/tmp/")]
+    assert outside == [], f"written outside /output and /tmp: {outside}"
 
 
-def test_entrypoint_uses_an_aot_package_beside_the_model(sandbox_venv, sample_cases, shared_dir):
-    """A model folder with an AOT package for this CPU: loaded unprivileged from a read-only mount, same output."""
+def test_image_fails_on_a_broken_model_at_opt_ml_model(image, sample_cases, shared_dir):
+    """A damaged checkpoint in the uploaded model stops the run, with nothing written: the image does not fall
+    back on the weights it holds."""
+    model = new_dir(shared_dir, "broken-model")
+    shutil.copytree(REPO / "weights", model, dirs_exist_ok=True, ignore=shutil.ignore_patterns("compile_cache"))
+    checkpoint = model / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    subprocess.run(["chmod", "-R", "a+rX", str(model)], check=True)
+    out = new_dir(shared_dir, "broken-model-out")
+    r = run_image(image, input_dir=SAMPLE_INPUT, output_dir=out, model=model, timeout=600)
+    assert r.returncode != 0, r.stderr[-3000:]
+    assert "/opt/ml/model" in r.stderr, r.stderr[-3000:]
+    assert label_maps(out) == []
+
+
+def test_image_segments_a_case_larger_than_dev_shm(image, shared_dir):
+    """grand-challenge gives 128 MB of /dev/shm; a case whose float32 volume alone is larger runs to the end.
+
+    The engine passes nothing through shared memory (no worker processes); a case this size would fail where
+    it did. Fine spacing keeps the network's input small (a window or two), so the run stays short.
+    """
+    input_dir, out = new_dir(shared_dir, "large-in"), new_dir(shared_dir, "large-out")
+    shape = (336, 336, 336)
+    assert 4 * np.prod(shape) > SHM_BYTES
+    image_in, _ = write_phantom(input_dir / "large.mha", shape=shape, spacing=(0.14, 0.14, 0.14),
+                                pixel_type=sitk.sitkFloat32)
+    subprocess.run(["chmod", "-R", "a+rX", str(input_dir)], check=True)
+    r = run_image(image, input_dir=input_dir, output_dir=out)
+    assert r.returncode == 0, f"the image failed on a {shape} case:\n{r.stderr[-5000:]}"
+    [written] = label_maps(out)
+    labels = sitk.ReadImage(str(written))
+    assert labels.GetSize() == image_in.GetSize() and labels.GetPixelID() == sitk.sitkUInt8
+    assert np.any(sitk.GetArrayViewFromImage(labels))
+
+
+def image_torch_version(image: str) -> str:
+    r = engine("run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c",
+               "import torch; print(torch.__version__)")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_image_loads_an_aot_package_built_outside_it(image, sample_cases, shared_dir):
+    """An AOT package built beside the model by `process.py compile --aot` on the same torch build (as one is
+    built on the machine kind that will run it) is loaded unprivileged from the read-only /opt/ml/model."""
+    import torch
+
+    if image_torch_version(image) != torch.__version__:
+        unavailable(f"the image's torch is not this interpreter's ({torch.__version__}): build it with "
+                    "--build-arg TORCH_INDEX_URL= to test AOT packages built here")
+    if shutil.which("g++") is None:
+        unavailable("g++ not found (building an AOT package compiles C++: apt-get install -y g++)")
     model = new_dir(shared_dir, "aot-model")
     shutil.copytree(REPO / "weights", model, dirs_exist_ok=True, ignore=shutil.ignore_patterns("compile_cache"))
-    built = subprocess.run([str(sandbox_venv / "bin" / "python"), str(REPO / "process.py"), "compile", "--aot",
-                            "--device", "cpu", "--weights", str(model)], capture_output=True, text=True, timeout=900)
+    built = subprocess.run([sys.executable, str(REPO / "process.py"), "compile", "--aot", "--device", "cpu",
+                            "--weights", str(model)], capture_output=True, text=True, timeout=900)
     assert built.returncode == 0, built.stderr[-3000:]
     subprocess.run(["chmod", "-R", "a+rX", str(model)], check=True)
     out = new_dir(shared_dir, "aot-out")
-    r = run_sandbox(sandbox_venv, [], shared_dir, input_dir=SAMPLE_INPUT, output_dir=out,
-                    extra=["--model", str(model)], timeout=1800)
-    assert r.returncode == 0, f"entrypoint failed with an AOT package:\n{r.stderr[-5000:]}"
-    assert re.search(r"AOT package \S+\.pt2 loaded for 2 network", r.stderr), r.stderr[-3000:]
+    r = run_image(image, input_dir=SAMPLE_INPUT, output_dir=out, model=model)
+    assert r.returncode == 0, f"the image failed with an AOT package:\n{r.stderr[-5000:]}"
+    assert "AOT package" in r.stderr and "loaded for 2 network" in r.stderr, r.stderr[-3000:]
     check_output(out)
 
 
-def test_entrypoint_fails_without_input(sandbox_venv, shared_dir):
-    r = run_sandbox(sandbox_venv, [], shared_dir, timeout=600)  # an empty /input
+def test_image_fails_without_input(image, shared_dir):
+    input_dir, out = new_dir(shared_dir, "empty-in"), new_dir(shared_dir, "empty-out")
+    r = run_image(image, input_dir=input_dir, output_dir=out, timeout=600)
     assert r.returncode != 0, r.stderr[-3000:]
+    assert label_maps(out) == []
 
 
-def test_entrypoint_subcommands_in_sandbox(sandbox_venv, shared_dir):
+def test_image_runs_subcommands(image, shared_dir):
     """`docker run IMAGE phantom ...` reaches the subcommand (exec-form ENTRYPOINT + arguments)."""
-    out = new_dir(shared_dir, "phantom-out")
-    cmd = ["python", "-u", "/opt/app/process.py", "phantom", "--out", "/output/cases", "--cases", "1",
-           "--shape", "16", "32", "32"]
-    r = run_sandbox(sandbox_venv, cmd, shared_dir, output_dir=out, timeout=600)
+    input_dir, out = new_dir(shared_dir, "phantom-in"), new_dir(shared_dir, "phantom-out")
+    r = run_image(image, ["phantom", "--out", "/output/cases", "--cases", "1", "--shape", "16", "32", "32"],
+                  input_dir=input_dir, output_dir=out, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "cases" / "phantom_000.mha").is_file()
-    r = run_sandbox(sandbox_venv, ["python", "-u", "/opt/app/process.py", "train", "--help"], shared_dir)
+    r = run_image(image, ["train", "--help"], input_dir=input_dir, output_dir=out, timeout=600)
     assert r.returncode == 0 and "--raw" in r.stdout, r.stderr[-3000:]
 
 
