@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict
@@ -45,6 +46,8 @@ PROCESS_START = time.monotonic() - _process_age_s()
 APP_DIR = Path(__file__).resolve().parent.parent
 # reading, finalizing and writing after the last window, and start-up before the first
 DEFAULT_MARGIN_S = 60.0
+# cohort mode runs predict_case in several threads on one model: its networks are replaced once, by one of them
+_COMPILE_LOCK = threading.Lock()
 
 
 def forward_bytes(model: Model, batch_size: int = 1) -> int:
@@ -101,15 +104,16 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, args: arg
                                        args.batch_size)
     if accumulation == Accumulation.STREAMED and needs_resampling:
         raise ValueError("--accumulate streamed needs a case at the plans' spacing (no resampling)")
-    if model.compile_decision is None:
-        padded = tuple(max(s, q) for s, q in zip(pre.data.shape[1:], model.patch_size))
-        passes = len(sliding_windows(padded, model.patch_size, args.step_size)) * len(
-            anytime_passes(len(model.networks), model.mirror_axes, not args.no_mirroring))
-        force = {"auto": None, "on": True, "off": False}[getattr(args, "compile", "auto")]
-        t1 = time.monotonic()
-        model.networks, model.compile_decision = maybe_compile(model.networks, device, model.folder, passes,
-                                                               budget.left(), force=force, batch_size=args.batch_size)
-        t["compile"] = time.monotonic() - t1  # loading a package; torch.compile's warm-up falls in the first pass
+    with _COMPILE_LOCK:
+        if model.compile_decision is None:
+            padded = tuple(max(s, q) for s, q in zip(pre.data.shape[1:], model.patch_size))
+            passes = len(sliding_windows(padded, model.patch_size, args.step_size)) * len(
+                anytime_passes(len(model.networks), model.mirror_axes, not args.no_mirroring))
+            force = {"auto": None, "on": True, "off": False}[getattr(args, "compile", "auto")]
+            t1 = time.monotonic()
+            model.networks, model.compile_decision = maybe_compile(
+                model.networks, device, model.folder, passes, budget.left(), force=force, batch_size=args.batch_size)
+            t["compile"] = time.monotonic() - t1  # loading a package; torch.compile's warm-up falls in the first pass
     t1 = time.monotonic()
     result, is_labels, pred_report = predict(model, pre.data, args.step_size, not args.no_mirroring, accumulation,
                                              budget, args.batch_size, progress=sys.stderr.isatty() or args.verbose,

@@ -23,6 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from cbctseg.model import CHECKPOINT, load_model
+from cbctseg.model_manifest import build_manifest, write_manifest
 from cbctseg.predictor import Accumulator, NonFiniteLogits, sum_scale
 from cbctseg.resources import label_map
 from conftest import OBLIQUE, WEIGHTS, run_process, write_phantom
@@ -47,6 +48,7 @@ def logit_model_folder(dst: Path, factor: float = 1.0, offset: float = 0.0, src:
             weights[k] = weights[k] * factor + (offset if k.endswith(".bias") else 0.0)
         (dst / fold.parent.name).mkdir()
         torch.save(ckpt, dst / fold.parent.name / CHECKPOINT)
+    write_manifest(dst, build_manifest(dst, ["0", "1"]))  # a model of its own, sealed as the engine requires
     return dst
 
 
