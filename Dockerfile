@@ -64,8 +64,8 @@ RUN groupadd --gid 1000 user \
     && mkdir -p /opt/app /input /output \
     && chown user:user /output
 
-# The app stays owned by root: read-only for the user, as on grand-challenge. Keep this list in step
-# with APP_PATHS in test/sandbox.sh (test/test_container.py checks it).
+# The app stays owned by root: read-only for the user, as on grand-challenge (test/test_container.py checks
+# in the built image that the user cannot write to it).
 WORKDIR /opt/app
 COPY process.py /opt/app/process.py
 COPY cbctseg/ /opt/app/cbctseg/

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environment with the pinned requirements; idempotent.
 # CBCTSEG_VENV chooses where (default: .venv in the repository). Debian's /usr/bin/python3 is preferred:
-# a non-root user (the container sandbox) can run it, unlike interpreters kept under /root.
+# a non-root user can run it, unlike interpreters kept under /root.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${CBCTSEG_VENV:-$repo/.venv}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compare an algorithm's /output with the expected output (used by test.sh and the sandbox tests).
+"""Compare an algorithm's /output with the expected output (used by test.sh and the image tests).
 
 For every expected label map (EXPECTED/images/oral-pharyngeal-segmentation/*.mha, any .mha under
 EXPECTED in fact): the output at the same relative path exists, has the same size, spacing, origin and
