@@ -9,7 +9,6 @@ the budget stop early and an out-of-memory error cost nothing already done.
 from __future__ import annotations
 
 import logging
-import math
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
@@ -65,17 +64,54 @@ class NonFiniteLogits(RuntimeError):
     """The averaged logits hold NaN or infinity: the fp16 sums overflowed, or the network answered NaN/inf."""
 
 
-def sum_scale(passes_per_window: int) -> float:
-    """What every pass's weighted logits are multiplied by before they enter the fp16 sums.
+class Normaliser:
+    """Per-voxel factors that keep the fp16 logit sums weighted *means* of the logits rather than sums.
 
-    nnU-Net sums one fold's windows in fp16 with the Gaussian (peak 10) over the flips' *mean*, so a voxel's sum
-    reaches about 10-20 times its logits; adding all (fold, flip) passes unscaled would reach that times the
-    number of passes. 1 / (passes per window), rounded down to a power of two, keeps our sums no larger than
-    nnU-Net's per-fold ones; a power of two scales exactly, so the sums are the unscaled ones' bits scaled
-    (wherever they stay normal fp16 numbers), and the weight sums scale the same: the average, also of a
-    partial ensemble, is unchanged.
+    nnU-Net sums one fold's windows in fp16 with the Gaussian (peak 10) over the flips' mean: where windows
+    overlap its sums reach 10-20 times the logits, and adding all (fold, flip) passes would reach that times
+    the number of passes, so large logits overflow. Along the image's edges and in its corners only windows'
+    rims cover a voxel, whose Gaussian weights are 1e-5 to 1e-8: there the sums are subnormal fp16 numbers,
+    and every rounding loses much of their precision. Multiplying each weight at voxel x by about
+    1 / (passes * sum of all planned windows' weights at x) fixes both: every voxel's sum stays near its
+    logits' size (a convex combination once every pass is in), so it cannot overflow where the network's own
+    fp16 output does not, and carries fp16's full relative precision, also in the corners. The weight sums get
+    the same factor, so the average, also of a partial ensemble, is the plain Gaussian-weighted one.
+
+    The Gaussian is a product of one profile per axis, and the windows lie on a grid: the sum of window
+    weights is a product of per-axis sums (three small vectors, no volume). Where fp16 rounds the Gaussian
+    (subnormal rims, and nnU-Net's floor for values that round to zero) the product is only approximate,
+    which the floor bounds and the weight sums make exact.
     """
-    return 2.0 ** -math.ceil(math.log2(max(1, passes_per_window)))
+
+    def __init__(self, weight: torch.Tensor, windows: list[tuple[slice, ...]], passes: int):
+        w = weight.float()
+        peak = float(w.max())
+        center = tuple(n // 2 for n in w.shape)
+        self.passes = passes
+        self.peak = peak
+        self.floor = float(w[w > 0].min())  # nnU-Net replaces zeros by the smallest positive weight
+        self.axis_sums: list[torch.Tensor] = []
+        for a, n in enumerate(w.shape):
+            line = tuple(slice(None) if b == a else c for b, c in enumerate(center))
+            profile = (w[line] / peak).cpu()
+            length = max(s[a].stop for s in windows)
+            sums = torch.zeros(length, dtype=torch.float32)
+            for start in sorted({s[a].start for s in windows}):
+                sums[start:start + n] += profile
+            self.axis_sums.append(sums)
+        self._on: tuple[torch.device | None, list[torch.Tensor]] = (None, [])
+
+    def factor(self, region: tuple[slice, ...], device: torch.device) -> torch.Tensor:
+        """The factors (fp32, on `device`) over `region` (padded-image coordinates)."""
+        if self._on[0] != device:
+            self._on = (device, [v.to(device) for v in self.axis_sums])
+        total = None
+        for a, (r, sums) in enumerate(zip(region, self._on[1])):
+            shape = [1] * len(region)
+            shape[a] = r.stop - r.start
+            part = sums[r].view(shape)
+            total = part * self.peak if total is None else total * part
+        return (total.clamp_min(self.floor) * self.passes).reciprocal_()
 
 
 def _slices_per_chunk(per_slice_bytes: int) -> int:
@@ -114,15 +150,15 @@ class Accumulator:
     The region (`origin`, `shape` in padded-image coordinates) is the image without its padding: windows are
     added clipped to it, so a case thinner than the patch holds sums for its own slices only (8 of 160 on a
     thin case), and the sums of every voxel it holds are exactly those of the whole padded image.
-    Every addition is multiplied by `scale` (sum_scale), the logits' and the weights' alike.
+    With a `normaliser`, every weight is multiplied by its factor, in the logit sums and the weight sums alike.
     sum_weights=False: logits only; the owner keeps account of the weights (StreamedLabels).
     """
 
     def __init__(self, num_classes: int, shape: tuple[int, ...], device: torch.device, sum_weights: bool = True,
-                 scale: float = 1.0, origin: tuple[int, ...] | None = None):
+                 normaliser: Normaliser | None = None, origin: tuple[int, ...] | None = None):
         self.shape = tuple(shape)
         self.origin = tuple(origin) if origin is not None else (0,) * len(self.shape)
-        self.scale = scale
+        self.normaliser = normaliser
         self.logits = torch.zeros((num_classes, *self.shape), dtype=torch.half, device=device)
         self.weights = torch.zeros(self.shape, dtype=torch.float32, device=device) if sum_weights else None
         self._w: tuple[torch.Tensor, ...] | None = None
@@ -142,7 +178,7 @@ class Accumulator:
         if clipped is None:
             return
         target, source = clipped
-        w16, w32 = (w[source] for w in self.weight_on_device(weight))
+        w16, w32 = self.window_weight(target, source, weight)
         dims = [a + 1 for a in flip]
         # the same voxels in the network's output, which is still flipped along `flip`
         size = logits.shape[1:]
@@ -174,21 +210,25 @@ class Accumulator:
         chunk = torch.flip(chunk, dims) if dims else chunk
         sums = self.logits[(slice(c0, c1), *target)]
         if chunk.dtype == sums.dtype:
-            # fp16 network output (autocast): fused, fp32 math and one rounding; the scale applies there too
-            sums.addcmul_(chunk, w16, value=self.scale)
+            # fp16 network output (autocast): fused, fp32 math and one rounding
+            sums.addcmul_(chunk, w16)
         elif dims:
-            sums += chunk.mul_(w32)  # the flipped chunk is a copy already: weight it in place; w32 carries the scale
+            sums += chunk.mul_(w32)  # the flipped chunk is a copy already: weight it in place
         else:
             sums += chunk * w32
 
-    def weight_on_device(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The window weight on the sums' device: fp16 as it is (addcmul scales it), fp32 already scaled.
-
-        Converted once per weight tensor; scaling by a power of two is exact."""
+    def window_weight(self, target: tuple[slice, ...], source: tuple[slice, ...], weight: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights (fp16, fp32) of the voxels `target` of the sums, from `source` of the window weight,
+        times the normaliser's factors there."""
         if self._w is None or self._w[0] is not weight:
-            self._w = (weight, weight.to(self.device, self.logits.dtype),
-                       weight.to(self.device, torch.float32) * self.scale)
-        return self._w[1], self._w[2]
+            # converted once per weight tensor
+            self._w = (weight, weight.to(self.device, self.logits.dtype), weight.to(self.device, torch.float32))
+        if self.normaliser is None:
+            return self._w[1][source], self._w[2][source]
+        region = tuple(slice(t.start + o, t.stop + o) for t, o in zip(target, self.origin))
+        w32 = self._w[2][source] * self.normaliser.factor(region, self.device)
+        return w32.to(self.logits.dtype), w32
 
     def move_to(self, device: torch.device) -> None:
         self.logits, self._w = self.logits.to(device), None
@@ -223,8 +263,9 @@ class StreamedLabels:
     """
 
     def __init__(self, num_classes: int, shape: tuple[int, ...], patch_z: int, device: torch.device,
-                 scale: float = 1.0, origin: tuple[int, ...] | None = None):
-        self.shape, self.num_classes, self.device, self.scale = tuple(shape), num_classes, device, scale
+                 normaliser: Normaliser | None = None, origin: tuple[int, ...] | None = None):
+        self.shape, self.num_classes, self.device = tuple(shape), num_classes, device
+        self.normaliser = normaliser
         self.origin = tuple(origin) if origin is not None else (0,) * len(self.shape)
         self.labels = torch.zeros(self.shape, dtype=torch.uint8)
         self.z0 = 0  # first slice (of the region) held in the band
@@ -233,7 +274,7 @@ class StreamedLabels:
 
     def _band(self, slices: int) -> Accumulator:
         return Accumulator(self.num_classes, (slices, *self.shape[1:]), self.device, sum_weights=False,
-                           scale=self.scale, origin=(self.origin[0] + self.z0, *self.origin[1:]))
+                           normaliser=self.normaliser, origin=(self.origin[0] + self.z0, *self.origin[1:]))
 
     def _ensure(self, z_stop: int) -> None:
         """Grow the band so it reaches region slice z_stop (only when windows are unevenly spaced)."""
@@ -264,7 +305,10 @@ class StreamedLabels:
             clipped = _clip(window, origin, tuple(out.shape))
             if clipped is not None:
                 target, source = clipped
-                out[target] += self.band.weight_on_device(weight)[1][source]
+                # the same voxels in the band's coordinates
+                in_band = tuple(slice(t.start + o - b, t.stop + o - b)
+                                for t, o, b in zip(target, origin, self.band.origin))
+                out[target] += self.band.window_weight(in_band, source, weight)[1]
         return out
 
     def finish_before(self, z: int) -> None:
@@ -360,12 +404,12 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
     gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=device)
     # the sums cover the image without its padding (the padding's logits would be cropped away anyway)
     origin, region = tuple(int(s.start) for s in revert[1:]), tuple(data.shape[1:])
-    scale = sum_scale(report.passes_planned)
+    normaliser = Normaliser(gaussian, windows, report.passes_planned)
     if streamed:
-        acc = StreamedLabels(model.num_classes, region, patch[0], device, scale, origin)
+        acc = StreamedLabels(model.num_classes, region, patch[0], device, normaliser, origin)
     else:
         acc = Accumulator(model.num_classes, region, device if accumulation == Accumulation.DEVICE
-                          else torch.device("cpu"), scale=scale, origin=origin)
+                          else torch.device("cpu"), normaliser=normaliser, origin=origin)
     done = [False] * len(items)
     mandatory_left = sum(1 for it in items if it.mandatory)
     bar = tqdm(total=len(items), desc="sliding window", unit="window", disable=not progress, leave=False)

@@ -3,10 +3,10 @@
 The model folders here are the bundled weights with every fold's segmentation layer changed so that its
 logits are `factor * logits + offset`: every pass's argmax (and softmax, for the offset) is unchanged.
 
-Scaling alone does not break a sum of all passes: the winning class overflows first, and +inf still wins
+A factor alone does not break a sum of all passes: the winning class overflows first, and +inf still wins
 the argmax. A common offset does: the lowest class, background, then overflows too where windows overlap
 most, and the argmax of ties of +inf is class 0. The bundled model's sums of all 8 (fold, flip) passes reach
-about 4800 in one fp16 sum unscaled; with logits 40 * logits + 1500 every class's sum overflows there, and
+about 4800 in one plain fp16 sum; with logits 40 * logits + 1500 every class's sum overflows there, and
 about a fifth of the foreground of the test case turns to background. nnU-Net sums each fold's windows over
 the flips' mean: at most about 55000 on the test case, within fp16 (65504), and so must ours. (The factor
 keeps the classes' margins large beside the offset, so fp16 rounding decides few voxels.)
@@ -24,7 +24,7 @@ import torch
 
 from cbctseg.model import CHECKPOINT, load_model
 from cbctseg.model_manifest import build_manifest, write_manifest
-from cbctseg.predictor import Accumulator, NonFiniteLogits, sum_scale
+from cbctseg.predictor import Accumulator, NonFiniteLogits, Normaliser
 from cbctseg.resources import label_map
 from conftest import OBLIQUE, WEIGHTS, run_process, write_phantom
 
@@ -65,9 +65,9 @@ def nnunet_labels(image: sitk.Image, folder: Path) -> np.ndarray:
     return label_map().to_fdi_lut()[seg]
 
 
-def test_scaled_sums_hold_logits_that_overflow_one_unscaled_fp16_sum(tmp_path):
-    """Every pass of every window of the offset model on the test case: unscaled they overflow fp16, scaled
-    they give the passes' weighted average."""
+def all_passes(model_folder: Path, tmp_path: Path, normalised: bool = True):
+    """Every pass of every window of the model on the test case, added to our sums (normalised or plain fp16
+    sums, as nnU-Net's) and to exact fp64 sums: (our sums, exact average, exact weight sums)."""
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
@@ -76,7 +76,7 @@ def test_scaled_sums_hold_logits_that_overflow_one_unscaled_fp16_sum(tmp_path):
     from cbctseg.schedule import anytime_passes, sliding_windows
 
     cpu = torch.device("cpu")
-    model = load_model(logit_model_folder(tmp_path / "model", OVERFLOW_FACTOR, OVERFLOW_OFFSET), device=cpu)
+    model = load_model(model_folder, device=cpu)
     write_phantom(tmp_path / "case.mha", shape=(46, 83, 101), origin=(-12.5, 30.0, 7.25), direction=OBLIQUE, seed=11)
     vol = gc_io.read_volume(tmp_path / "case.mha")
     data = pad_nd_image(preprocess(vol.array, vol.nnunet_properties["spacing"], model, cpu).data, model.patch_size)
@@ -84,30 +84,49 @@ def test_scaled_sums_hold_logits_that_overflow_one_unscaled_fp16_sum(tmp_path):
     gaussian = compute_gaussian(model.patch_size, 1.0 / 8, 10, device=cpu)
     passes = anytime_passes(len(model.networks), model.mirror_axes)
     assert len(passes) == 8
-    unscaled = Accumulator(model.num_classes, shape, cpu)
-    scaled = Accumulator(model.num_classes, shape, cpu, scale=sum_scale(len(passes)))
+    windows = sliding_windows(shape, model.patch_size, 0.5)
+    acc = Accumulator(model.num_classes, shape, cpu,
+                      normaliser=Normaliser(gaussian, windows, len(passes)) if normalised else None)
     num = torch.zeros((model.num_classes, *shape), dtype=torch.float64)
     den = torch.zeros(shape, dtype=torch.float64)
     with torch.inference_mode():
-        for window in sliding_windows(shape, model.patch_size, 0.5):
+        for window in windows:
             for p in passes:
                 dims = [a + 2 for a in p.flip]
                 x = data[(slice(None), *window)][None]
                 y = model.networks[p.model](torch.flip(x, dims) if dims else x)[0]
-                unscaled.add(window, y, gaussian, p.flip)
-                scaled.add(window, y, gaussian, p.flip)
+                acc.add(window, y, gaussian, p.flip)
                 num[(slice(None), *window)] += (torch.flip(y, [d - 1 for d in dims]) if dims else y) * gaussian
                 den[window] += gaussian
-    # the model is large enough: its logits overflow the sum of all passes without the scale
+    return acc, num / den, den
+
+
+def test_normalised_sums_hold_logits_that_overflow_a_plain_fp16_sum(tmp_path):
+    """Unnormalised, the offset model's passes overflow fp16; normalised, they give the passes' exact weighted
+    average at every voxel, the image's corners included."""
+    model = logit_model_folder(tmp_path / "model", OVERFLOW_FACTOR, OVERFLOW_OFFSET)
+    plain, _, _ = all_passes(model, tmp_path / "plain", normalised=False)
     with pytest.raises(NonFiniteLogits, match="logits are not finite"):
-        unscaled.average()
-    exact = num / den
-    avg = scaled.average().double()
-    # fp16 sums, as nnU-Net's (the same tolerance as test_budget's partial ensemble), where the summed weight
-    # is not tiny (image corners)
-    solid = den >= 0.1
-    torch.testing.assert_close(avg[:, solid], exact[:, solid], rtol=1e-2, atol=0.05)
-    assert float((avg.argmax(0) == exact.argmax(0))[solid].double().mean()) >= 0.999
+        plain.average()
+    acc, exact, den = all_passes(model, tmp_path / "normalised")
+    avg = acc.average().double()
+    # fp16 sums (the same tolerance as test_budget's partial ensemble)
+    torch.testing.assert_close(avg, exact, rtol=1e-2, atol=0.05)
+    assert float((avg.argmax(0) == exact.argmax(0)).double().mean()) >= 0.999
+
+
+def test_voxels_covered_only_by_window_rims_get_the_exact_answer(tmp_path):
+    """Along the image's edges and in its corners the windows' Gaussian weights are 1e-5 to 1e-8 (subnormal
+    fp16): plain fp16 sums there keep a few bits, the normalised ones fp16's full precision. Every voxel whose
+    exact top-two logit margin is at least 0.01 gets the exact answer's class."""
+    acc, exact, den = all_passes(WEIGHTS, tmp_path)
+    avg = acc.average().double()
+    rims = den < 1e-3
+    top2 = exact.topk(2, dim=0).values
+    decided = rims & (top2[0] - top2[1] >= 0.01)
+    assert int(decided.sum()) >= 1000  # the case has such voxels, along its 12 edges and in its 8 corners
+    assert torch.equal(avg.argmax(0)[decided], exact.argmax(0)[decided])
+    torch.testing.assert_close(avg[:, rims], exact[:, rims], rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("spacing, accumulation", [((1.0, 1.0, 1.35), "device"), ((1.0, 1.0, 1.0), "streamed")])
