@@ -540,7 +540,7 @@ def run_bench(args) -> dict:
         except RuntimeError as e:
             if not args.aot_fallback:
                 raise
-            # a GPU session has one try: measure the engine with torch.compile rather than nothing
+            # --aot-fallback: a run that cannot build the package still measures the engine, with torch.compile
             result["aot_package_error"] = str(e)[-3000:]
             args.compile = "on"
             print(f"AOT package failed, compile on instead: {str(e)[-1000:]}", flush=True)

@@ -263,7 +263,7 @@ def main() -> int:
             c0 = torch.compile(nets[0], dynamic=False)
             note("compile_b1_first_call_s", first_call(c0, x1))
             note("compiled_b1", timed_forward(c0, x1))
-            if "compiled_channels_last_b1" in RESULTS:  # what gpu_session.sh runs the recorded benchmark with
+            if "compiled_channels_last_b1" in RESULTS:  # whether bench.py's run should take --channels-last
                 note("channels_last_faster", channels_last_faster(RESULTS))
             c1 = torch.compile(nets[1], dynamic=False)
             note("compile_b1_second_network_first_call_s", first_call(c1, x1))
@@ -295,7 +295,7 @@ def main() -> int:
 
     if not steps & {"aot", "engine", "agreement", "cold"}:  # no step below needs a model folder
         return finish()
-    # outside OUT (whose files come back from a device call, at most 8), removed at exit (1.2 GB on a GPU)
+    # outside OUT, which holds results only; removed at exit (1.2 GB on a GPU)
     model_dir = Path(tempfile.mkdtemp(prefix="cbctseg-probe-"))
     atexit.register(shutil.rmtree, model_dir, ignore_errors=True)
     weights = make_model_folder(model_dir / "model", configuration=conf)
