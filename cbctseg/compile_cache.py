@@ -1,7 +1,7 @@
 """torch.compile for the networks, only when it pays, with torch's portable compile cache kept beside the weights.
 
 Compiling costs a warm-up (about 45 s cold, 17 s with the cache loaded, on an H100) and halves the time of
-a forward pass (0.131 s -> 0.065 s for the ToothFairy2 network; bench/ANCHORS). It pays when the case has
+a forward pass (0.131 s -> 0.065 s for the ToothFairy2 network on an H100). It pays when the case has
 enough passes to win that time back, and never on the CPU. An AOT package (cbctseg.aot_package) beside the
 weights skips the warm-up altogether, and is used on any device it was built for.
 
@@ -32,7 +32,7 @@ CACHE_DIR = aot_package.CACHE_DIR  # the portable cache and the AOT packages sha
 
 @dataclass(frozen=True)
 class Costs:
-    """Seconds per forward pass and warm-up costs; defaults: the ToothFairy2 network on an H100 (ANCHORS.md)."""
+    """Seconds per forward pass and warm-up costs; defaults: the ToothFairy2 network as measured on an H100."""
 
     eager_s: float = 0.131
     compiled_s: float = 0.065
@@ -89,7 +89,7 @@ def decide(device_type: str, expected_passes: int, budget_s: float | None, cache
 
     Compile when it finishes all passes sooner than eager (passes x saving > warm-up) or, when the budget
     cannot hold all passes either way, when it completes more passes within the budget. A measured eager
-    pass time scales the compiled one by the anchors' ratio; warm-up costs are not scaled (mostly CPU work).
+    pass time scales the compiled one by the H100's measured ratio; warm-up costs are not scaled (mostly CPU work).
     """
     eager = eager_s_per_pass if eager_s_per_pass else costs.eager_s
     compiled = eager * costs.compiled_s / costs.eager_s
