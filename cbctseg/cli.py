@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from . import options
+
 log = logging.getLogger("cbctseg")
 
 SUBCOMMANDS = ("predict", "train", "phantom", "evaluate", "cutoffs", "compile", "export-triton", "cohort", "seal")
@@ -22,26 +24,6 @@ def _budget(value: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _step_size(value: str) -> float:
-    try:
-        step = float(value)
-    except ValueError:
-        step = float("nan")
-    if not 0 < step <= 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"step size {value!r} must be a fraction of the patch in (0, 1]")
-    return step
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
-    return n
-
-
 def _predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", type=Path, default=Path("/input"),
                    help="grand-challenge input root (inputs.json or images/cbct/*.mha) or a folder of .mha files")
@@ -50,11 +32,11 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
                    help="nnU-Net model folder (default: /opt/ml/model when it holds a model, else weights/)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")
     p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: all in the model folder)")
-    p.add_argument("--step-size", type=_step_size, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--step-size", type=options.step_size, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--no-mirroring", action="store_true", help="skip test-time mirroring (4x fewer passes)")
     p.add_argument("--accumulate", default="auto", choices=["auto", "device", "cpu", "streamed"],
                    help="where logits accumulate (auto: the GPU when they fit, else streamed bands, else the CPU)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass")
+    p.add_argument("--batch-size", type=options.positive_int, default=1, help="windows per forward pass")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="compiled networks: an AOT package beside the weights for this device is used unless "
                         "'off'; else auto runs torch.compile on a GPU when it pays within the budget (a compile "

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from . import gc_io
 from .model import Model, ModelError, default_model_folder, load_model
+from .options import CaseOptions, positive_int, step_size
 from .resources import label_map, task
 from .schedule import Budget
 from .triton_backend import TritonError, add_backend_arguments, use_backend
@@ -52,7 +54,7 @@ def read_cases(source: Path, output: Path) -> list[gc_io.Case]:
     return [gc_io.Case(p.name, p, out_dir / p.name) for p in paths]
 
 
-def run_cohort(cases: list[gc_io.Case], model: Model, device: torch.device, engine_args: argparse.Namespace,
+def run_cohort(cases: list[gc_io.Case], model: Model, device: torch.device, options: CaseOptions,
                workers: int = 2, time_budget_s: float | None = None, overwrite: bool = False,
                progress: bool = True) -> list[dict]:
     """Segment the cases, `workers` at a time; returns one report per case (ok, failed, skipped, not started)."""
@@ -69,7 +71,7 @@ def run_cohort(cases: list[gc_io.Case], model: Model, device: torch.device, engi
             return {"case": case.name, "status": "not started", "error": "cohort stopped after a Triton error"}
         budget = Budget(time.monotonic() + time_budget_s if time_budget_s else None)
         try:
-            return predict_case(case, model, device, engine_args, budget)
+            return predict_case(case, model, device, options, budget)
         except TritonError as e:
             stop.set()
             return {"case": case.name, "status": "failed", "error": str(e)}
@@ -125,11 +127,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (pre- and post-processing; "
                    "the networks too with --backend local)")
     p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: all in the model folder)")
-    p.add_argument("--workers", type=int, default=2, help="cases in flight")
-    p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--workers", type=positive_int, default=2, help="cases in flight")
+    p.add_argument("--step-size", type=step_size, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--no-mirroring", action="store_true", help="skip test-time mirroring (4x fewer passes)")
     p.add_argument("--accumulate", default="auto", choices=["auto", "device", "cpu", "streamed"])
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass")
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds per case (0: no limit)")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output exists (default: skip them)")
     p.add_argument("--summary", type=Path, default=None, help="JSON summary (default: OUTPUT/cohort_summary.json)")
@@ -152,12 +154,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (ValueError, ModelError, TritonError) as e:  # InputError is a ValueError
         log.error("cohort: %s", e)
         return 2
-    engine_args = argparse.Namespace(step_size=args.step_size, no_mirroring=args.no_mirroring,
-                                     accumulate=args.accumulate, batch_size=args.batch_size,
-                                     verbose=getattr(args, "verbose", False),
-                                     triton_in_flight=args.triton_in_flight if args.backend == "triton" else 1)
+    options = CaseOptions.from_args(args, progress=sys.stderr.isatty() or getattr(args, "verbose", False))
     log.info("cohort: %d case(s), %d worker(s), backend %s", len(cases), args.workers, args.backend)
-    reports = run_cohort(cases, model, device, engine_args, args.workers, args.time_budget or None, args.overwrite)
+    reports = run_cohort(cases, model, device, options, args.workers, args.time_budget or None, args.overwrite)
     summary = summarize(reports, time.monotonic() - t0, input=str(args.input), output=str(args.output),
                         weights=str(weights), folds=model.folds, backend=args.backend,
                         triton_url=args.triton_url if args.backend == "triton" else None, workers=args.workers)

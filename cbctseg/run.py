@@ -18,6 +18,7 @@ import torch
 from . import gc_io, preflight
 from .device import describe, free_memory, peak_memory_gb, select_device
 from .model import Model, ModelError, default_model_folder, load_model
+from .options import CaseOptions
 from .postprocess import to_fdi
 from .predictor import Accumulation, finalize, predict
 from .preprocess import preprocess
@@ -86,7 +87,7 @@ def finalize_reserve_s(voxels: int, num_classes: int, device: torch.device) -> f
     return 2.0 + voxels * num_classes * per_voxel_class + voxels * 5e-8
 
 
-def predict_case(case: gc_io.Case, model: Model, device: torch.device, args: argparse.Namespace,
+def predict_case(case: gc_io.Case, model: Model, device: torch.device, options: CaseOptions,
                  budget: Budget) -> dict:
     """Segment one case and write its label map; returns the case report (raises on failure)."""
     t: dict[str, float] = {}
@@ -100,24 +101,25 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, args: arg
     t["preprocess"] = time.monotonic() - t1
     budget.reserve_s = finalize_reserve_s(int(np.prod(vol.array.shape)), model.num_classes, device)
     needs_resampling = tuple(pre.data.shape[1:]) != tuple(pre.shape_after_cropping)
-    accumulation = choose_accumulation(model, tuple(pre.data.shape[1:]), needs_resampling, device, args.accumulate,
-                                       args.batch_size)
+    accumulation = choose_accumulation(model, tuple(pre.data.shape[1:]), needs_resampling, device,
+                                       options.accumulate, options.batch_size)
     if accumulation == Accumulation.STREAMED and needs_resampling:
         raise ValueError("--accumulate streamed needs a case at the plans' spacing (no resampling)")
     with _COMPILE_LOCK:
         if model.compile_decision is None:
             padded = tuple(max(s, q) for s, q in zip(pre.data.shape[1:], model.patch_size))
-            passes = len(sliding_windows(padded, model.patch_size, args.step_size)) * len(
-                anytime_passes(len(model.networks), model.mirror_axes, not args.no_mirroring))
-            force = {"auto": None, "on": True, "off": False}[getattr(args, "compile", "auto")]
+            passes = len(sliding_windows(padded, model.patch_size, options.step_size)) * len(
+                anytime_passes(len(model.networks), model.mirror_axes, options.mirroring))
+            force = {"auto": None, "on": True, "off": False}[options.compile]
             t1 = time.monotonic()
             model.networks, model.compile_decision = maybe_compile(
-                model.networks, device, model.folder, passes, budget.left(), force=force, batch_size=args.batch_size)
+                model.networks, device, model.folder, passes, budget.left(), force=force,
+                batch_size=options.batch_size)
             t["compile"] = time.monotonic() - t1  # loading a package; torch.compile's warm-up falls in the first pass
     t1 = time.monotonic()
-    result, is_labels, pred_report = predict(model, pre.data, args.step_size, not args.no_mirroring, accumulation,
-                                             budget, args.batch_size, progress=sys.stderr.isatty() or args.verbose,
-                                             in_flight=getattr(args, "triton_in_flight", 1))
+    result, is_labels, pred_report = predict(model, pre.data, options.step_size, options.mirroring, accumulation,
+                                             budget, options.batch_size, progress=options.progress,
+                                             in_flight=options.in_flight)
     t["sliding_window"] = time.monotonic() - t1
     t1 = time.monotonic()
     labels = finalize(result, pre, model, device, is_labels)
@@ -127,10 +129,10 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, args: arg
     t["finalize"] = time.monotonic() - t1
     t1 = time.monotonic()
     gc_io.write_label_map(fdi, vol, case.output_path)
-    if getattr(args, "pictures", None):
+    if options.pictures:
         from .pictures import render_case
 
-        render_case(vol.array, fdi, Path(args.pictures) / f"{Path(case.name).stem}.png", title=case.name)
+        render_case(vol.array, fdi, Path(options.pictures) / f"{Path(case.name).stem}.png", title=case.name)
     t["write"] = time.monotonic() - t1
     t["total"] = time.monotonic() - t0
     present = sorted(int(v) for v in np.unique(fdi) if v)
@@ -302,12 +304,13 @@ def _predict_cases(args: argparse.Namespace, run: RunRecord) -> int:
         return _start_error(run, f"cannot load the model: {e}")
     if budget_s is None:
         budget_s = task()["time_limit_s"] - DEFAULT_MARGIN_S
+    options = CaseOptions.from_args(args, progress=sys.stderr.isatty() or args.verbose)
     for i, case in enumerate(run.cases):
         start = PROCESS_START if i == 0 else time.monotonic()
         budget = Budget(start + budget_s if budget_s > 0 else None)
         run.current, run.current_output_before = case, _file_id(case.output_path)
         try:
-            report = predict_case(case, model, device, args, budget)
+            report = predict_case(case, model, device, options, budget)
         except gc_io.InputError as e:
             report = {"case": case.name, "status": "failed", "error": str(e)}
         except Exception as e:  # one bad case must not stop the others

@@ -1,7 +1,6 @@
 """The time budget, partial ensembles, where logits accumulate, and out-of-memory recovery."""
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -14,6 +13,7 @@ from cbctseg.model import load_model
 from cbctseg.phantom import PhantomSpec, make_phantom_arrays
 from cbctseg.predictor import Accumulation, Accumulator, StreamedLabels, finalize, predict
 from cbctseg.preprocess import preprocess
+from cbctseg.options import CaseOptions
 from cbctseg.run import predict_case
 from cbctseg.schedule import Budget, plan_work, sliding_windows
 from conftest import WEIGHTS, write_phantom
@@ -66,7 +66,7 @@ def test_slow_network_and_short_budget_end_in_time_with_a_complete_label_map(tmp
     image, _ = write_phantom(tmp_path / "in" / "slow.mha", shape=(40, 64, 64), seed=1)
     model = _model(sleep_s=1.0)
     case = gc_io.Case("slow.mha", tmp_path / "in" / "slow.mha", tmp_path / "out" / "slow.mha")
-    args = argparse.Namespace(step_size=0.5, no_mirroring=False, accumulate="auto", batch_size=1, verbose=False)
+    args = CaseOptions()
     start = time.monotonic()
     budget_s = 6.0
     report = predict_case(case, model, CPU, args, Budget(start + budget_s))

@@ -1,13 +1,13 @@
 """Cohort mode with the local backend: several cases in flight in threads on one shared model."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
 from cbctseg import gc_io
 from cbctseg.cohort import run_cohort
+from cbctseg.options import CaseOptions
 from cbctseg.model import load_model
 from cbctseg.resources import label_map
 from conftest import run_process, write_phantom
@@ -21,7 +21,7 @@ def test_threads_share_one_compile_decision(tmp_path, weights):
     cases = gc_io.find_cases(tmp_path / "in", tmp_path / "out")
     model = load_model(weights, device=torch.device("cpu"), expected_classes=label_map().num_classes)
     originals = list(model.networks)
-    args = argparse.Namespace(step_size=0.5, no_mirroring=True, accumulate="auto", batch_size=1, verbose=False)
+    args = CaseOptions(mirroring=False)
     reports = run_cohort(cases, model, torch.device("cpu"), args, workers=4, progress=False)
     assert [r["status"] for r in reports] == ["ok"] * 4, reports
     assert all(r["compile"] is model.compile_decision for r in reports)

@@ -46,6 +46,7 @@ if triton_server.triton_python() is None:
 
 from cbctseg import cohort, gc_io  # noqa: E402
 from cbctseg.model import load_model  # noqa: E402
+from cbctseg.options import CaseOptions  # noqa: E402
 from cbctseg.run import predict_case  # noqa: E402
 from cbctseg.schedule import Budget  # noqa: E402
 from cbctseg.triton_backend import TritonError, TritonNetwork, remote_networks  # noqa: E402
@@ -56,10 +57,9 @@ CPU = torch.device("cpu")
 OUT_DIR = "images/oral-pharyngeal-segmentation"
 
 
-def engine_args(**kw) -> argparse.Namespace:
+def engine_args(**kw) -> CaseOptions:
     # no mirroring: flips happen here, the same for any network; the transport is what is under test
-    return argparse.Namespace(**{"step_size": 0.5, "no_mirroring": True, "accumulate": "auto", "batch_size": 2,
-                                 "verbose": False, **kw})
+    return CaseOptions(**{"mirroring": False, "batch_size": 2, **kw})
 
 
 @pytest.fixture(scope="module")

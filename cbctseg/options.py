@@ -1,0 +1,75 @@
+"""How each case is segmented: the per-case options of the predict and cohort commands, typed and checked once."""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+ACCUMULATIONS = ("auto", "device", "cpu", "streamed")
+COMPILE_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class CaseOptions:
+    """Options that decide how one case runs (the model, device and budget come separately).
+
+    step_size: sliding-window step as a fraction of the patch, in (0, 1].
+    accumulate: where the logit sums live (auto, device, cpu, streamed; predictor.Accumulation).
+    compile: torch.compile the networks: auto (when it pays), on, off.
+    in_flight: batches sent ahead to a Triton server (1: none).
+    pictures: folder for a PNG of each case's result, or None.
+    """
+
+    step_size: float = 0.5
+    mirroring: bool = True
+    accumulate: str = "auto"
+    batch_size: int = 1
+    compile: str = "auto"
+    in_flight: int = 1
+    progress: bool = False
+    pictures: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.step_size, (int, float)) and 0 < self.step_size <= 1):  # also refuses nan
+            raise ValueError(f"step size {self.step_size!r} must be a fraction of the patch in (0, 1]")
+        if self.accumulate not in ACCUMULATIONS:
+            raise ValueError(f"accumulate {self.accumulate!r} must be one of {', '.join(ACCUMULATIONS)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile {self.compile!r} must be one of {', '.join(COMPILE_MODES)}")
+        for name in ("batch_size", "in_flight"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} {getattr(self, name)!r} must be a positive integer")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, progress: bool) -> CaseOptions:
+        """The options of a parsed predict or cohort command line (options it lacks keep their defaults)."""
+        backend = getattr(args, "backend", "local")
+        return cls(step_size=args.step_size, mirroring=not args.no_mirroring, accumulate=args.accumulate,
+                   batch_size=args.batch_size, compile=getattr(args, "compile", "auto"),
+                   in_flight=getattr(args, "triton_in_flight", 1) if backend == "triton" else 1,
+                   progress=progress, pictures=getattr(args, "pictures", None))
+
+
+# argparse types: a bad value stops the command line with argparse's usage message
+
+def step_size(value: str) -> float:
+    """A sliding-window step in (0, 1]."""
+    try:
+        step = float(value)
+    except ValueError:
+        step = math.nan
+    if not 0 < step <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"step size {value!r} must be a fraction of the patch in (0, 1]")
+    return step
+
+
+def positive_int(value: str) -> int:
+    """An integer of at least 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return n
