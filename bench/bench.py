@@ -45,7 +45,6 @@ os.environ.setdefault("nnUNet_compile", "f")
 import torch  # noqa: E402
 
 import forward_flops  # noqa: E402
-from cbctseg.precision import CHANNELS_LAST_ENV  # noqa: E402
 from make_model import TF2_CONFIGURATION, TF2_DATASET, TF2_PLANS, make_model_folder  # noqa: E402
 
 MEDIAN, LARGEST = "169x347x371", "298x512x512"
@@ -490,10 +489,9 @@ def refresh_readme(results_dir: Path, readme: Path) -> None:
 
 # ---------------------------------------------------------------- main
 
-def result_path(out_dir: Path, env: dict, compile_mode: str, channels_last: bool = False) -> tuple[str, Path]:
+def result_path(out_dir: Path, env: dict, compile_mode: str) -> tuple[str, Path]:
     gpu = slug(env.get("gpu") or env["device"])
     label = f"{dt.date.today().isoformat()}-{gpu}" + ("" if compile_mode == "off" else f"-compile-{compile_mode}")
-    label += "-channels-last" if channels_last else ""
     path, k = out_dir / f"{label}.json", 2
     while path.exists():
         path, k = out_dir / f"{label}-{k}.json", k + 1
@@ -529,7 +527,7 @@ def run_bench(args) -> dict:
                            "folds": args.folds, "step": args.step, "mirroring": "from the checkpoints",
                            "repeats": args.repeats, "compile": args.compile, "batch_size": args.batch_size,
                            "accumulate": args.accumulate, "spacing_mm": args.spacing, "engines": args.engines,
-                           "tflop_per_pass": args.tflop, "channels_last": args.channels_last},
+                           "tflop_per_pass": args.tflop},
               "cold_start": {}, "cases": []}
     print(f"environment: {json.dumps(env)}", flush=True)
     # cold starts first, before this process holds GPU memory of its own
@@ -623,8 +621,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cache", action="store_true",
                    help="with --compile: do not make the portable compile cache first")
     p.add_argument("--batch-size", type=int, default=1, help="our engine's windows per forward pass")
-    p.add_argument("--channels-last", action="store_true",
-                   help=f"our networks in channels_last_3d ({CHANNELS_LAST_ENV}=1 for this process and its children)")
     p.add_argument("--fit-steps", type=int, default=None,
                    help="fit the random networks to a phantom for N steps so their logits are decisive "
                         "(default: 40 on a GPU, 0 on the CPU; ignored with --weights)")
@@ -645,8 +641,6 @@ def main(argv: list[str] | None = None) -> int:
     if torch.device(a.device).type != "cuda" and a.out.resolve() == RESULTS.resolve():
         p.error("a run without a GPU is a smoke run: give --out (bench/results/ holds GPU runs only)")
     a.folds = [str(f) for f in a.folds]
-    if a.channels_last:
-        os.environ[CHANNELS_LAST_ENV] = "1"  # cold starts and package builds are child processes
     a.tmp = Path(tempfile.mkdtemp(prefix="cbctseg-bench-"))  # model folder (1.2 GB for ToothFairy2), compile caches
     try:
         result = run_bench(a)
@@ -654,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.keep_tmp:
             shutil.rmtree(a.tmp, ignore_errors=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    result["label"], path = result_path(a.out, result["environment"], a.compile, a.channels_last)
+    result["label"], path = result_path(a.out, result["environment"], a.compile)
     path.write_text(json.dumps(result, indent=1))
     (a.out / "partial.json").unlink(missing_ok=True)
     readme = a.readme or (README if a.out.resolve() == RESULTS.resolve() else a.out / "README.md")

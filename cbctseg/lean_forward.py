@@ -23,7 +23,6 @@ from dynamic_network_architectures.building_blocks.residual_encoders import Resi
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU, StackedConvBlocks
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 
-from .precision import layout_of
 
 
 def _chain(m: torch.nn.Module) -> list[torch.nn.Module] | None:
@@ -97,7 +96,7 @@ class LeanUNet(torch.nn.Module):
             skip = skips.pop()
             up_channels = dec.transpconvs[s].out_channels
             cat = torch.empty((skip.shape[0], up_channels + skip.shape[1], *skip.shape[2:]), dtype=skip.dtype,
-                              device=skip.device, memory_format=layout_of(skip))
+                              device=skip.device)
             cat[:, up_channels:] = skip
             del skip
             up = dec.transpconvs[s](lres)

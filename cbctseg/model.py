@@ -80,10 +80,6 @@ def load_model(folder: Path, folds: list[str] | None = None, device: torch.devic
     (`precision.prepare`: fp16 convolutions).
     """
     folder = Path(folder)
-    try:
-        precision.memory_format()  # a bad setting is reported before gigabytes of checkpoints are read
-    except ValueError as e:
-        raise ModelError(str(e)) from None
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} does not exist")
     if manifest is None and not (folder / "plans.json").is_file() and not (folder / MANIFEST).is_file():

@@ -6,15 +6,12 @@ fp16 up front therefore gives the same answer bit for bit, while the GPU holds h
 autocast keeps no fp16 copies of the weights during a pass (141.5 M parameters per ToothFairy2 fold: 566 MB
 in fp32, 283 MB in fp16).
 
-The activations' layout is the convolutions' weights' layout (cuDNN follows the weights): contiguous (NCDHW)
-by default, channels-last (NDHWC, `channels_last_3d`) with CBCTSEG_CHANNELS_LAST=1. Channels-last saves the
-layout conversions cuDNN may make around its tensor-core kernels, but eager normalisation is slower in it,
-so it can only pay compiled; the benchmark measures it (bench/README.md) before it becomes a default.
+Networks stay contiguous (NCDHW), as nnU-Net's: channels-last (NDHWC) was slower eager on an H100 and is
+unmeasured compiled; bench/probe.py's layout step measures it.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import types
 
 import torch
@@ -52,17 +49,6 @@ def store_convolutions_as(net: torch.nn.Module, dtype: torch.dtype) -> int:
                         # as Module.to does for plain tensors; also works on fake tensors (bench/forward_memory.py)
                         p.data = p.data.to(dtype)
     return saved
-
-
-CHANNELS_LAST_ENV = "CBCTSEG_CHANNELS_LAST"
-
-
-def memory_format() -> torch.memory_format:
-    """The layout the networks' 5-D weights, and so their activations, are stored in (CBCTSEG_CHANNELS_LAST)."""
-    value = os.environ.get(CHANNELS_LAST_ENV, "0").strip()
-    if value not in ("0", "1", ""):
-        raise ValueError(f"{CHANNELS_LAST_ENV} must be 0 or 1, not {value!r}")
-    return torch.channels_last_3d if value == "1" else torch.contiguous_format
 
 
 def layout_of(t: torch.Tensor) -> torch.memory_format:
@@ -105,9 +91,7 @@ def segmentation_layers_as_matmul(net: torch.nn.Module) -> int:
 
 def prepare(net: torch.nn.Module, device: torch.device) -> int:
     """Store a network (already on device) as it computes there; bytes saved (0 where nothing changes)."""
-    if memory_format() == torch.channels_last_3d:
-        net.to(memory_format=torch.channels_last_3d)
-    elif torch.device(device).type == "cpu":  # channels-last outputs come from the convolution itself
+    if torch.device(device).type == "cpu":
         segmentation_layers_as_matmul(net)
     dtype = autocast_dtype(device)
     return store_convolutions_as(net, dtype) if dtype is not None else 0

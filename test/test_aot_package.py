@@ -133,10 +133,11 @@ def test_a_package_for_other_weight_dtypes_is_not_used(packaged, caplog):
     assert "float32 weights" in caplog.text
 
 
-def test_a_package_for_contiguous_weights_is_not_used_by_channels_last_networks(packaged, caplog, monkeypatch):
-    # CBCTSEG_CHANNELS_LAST=1 stores the weights channels-last; the package's kernels assume the layout it was built for
-    monkeypatch.setenv(precision.CHANNELS_LAST_ENV, "1")
+def test_a_package_for_contiguous_weights_is_not_used_by_channels_last_networks(packaged, caplog):
+    # the package's kernels assume the weights' layout it was built for
     model = load_model(packaged)
+    for net in model.networks:
+        net.to(memory_format=torch.channels_last_3d)
     with caplog.at_level(logging.WARNING):
         assert aot_package.load(model.networks, packaged, CPU) is None
     assert "channels_last_3d" in caplog.text
