@@ -127,14 +127,18 @@ def _eager(networks: list[torch.nn.Module]) -> list[torch.nn.Module]:
 
 def maybe_compile(networks: list[torch.nn.Module], device: torch.device, weights_dir: Path, expected_passes: int,
                   budget_s: float | None, eager_s_per_pass: float | None = None, force: bool | None = None,
-                  costs: Costs = Costs(), batch_size: int = 1, aot: bool = True
-                  ) -> tuple[list[torch.nn.Module], dict]:
+                  costs: Costs = Costs(), batch_size: int = 1, aot: bool = True,
+                  patch: tuple[int, ...] | None = None) -> tuple[list[torch.nn.Module], dict]:
     """The networks as they will run, compiled when that pays, and the decision (`force`: True always compiles,
     False never). Uncompiled, they run lean (`lean_forward`).
 
     An AOT package for this device and batch size beside the weights is used whenever it exists (it costs no
     warm-up, so it always pays); otherwise torch.compile when `decide` says so. torch.compile is lazy: the
     warm-up is paid by the first forward pass of each network. aot=False: torch.compile only.
+
+    On a GPU, with `patch` and no `eager_s_per_pass`, the decision uses this GPU's eager pass, timed here
+    (measure_eager_pass), rather than the H100's: on a T4 a pass is several times slower, and compiling pays
+    after fewer passes.
     """
     device = torch.device(device)
     if aot and force is not False:
@@ -151,12 +155,16 @@ def maybe_compile(networks: list[torch.nn.Module], device: torch.device, weights
                           "expected_passes": expected_passes,
                           "reason": "no C compiler for Triton: eager (an AOT package needs none)"}
     cached = device.type == "cuda" and cache_path(weights_dir, device).is_file()
-    decision = {"kind": "torch.compile", **decide(device.type, expected_passes, budget_s, cached, eager_s_per_pass,
+    eager = _eager(networks)
+    measured = device.type == "cuda" and force is None and eager_s_per_pass is None and patch is not None
+    if measured:
+        eager_s_per_pass = measure_eager_pass(eager[0], patch, device, batch_size)
+    decision = {"kind": "torch.compile", "eager_measured_here": measured, **decide(device.type, expected_passes, budget_s, cached, eager_s_per_pass,
                                                    costs)}
     if force is not None:
         decision = {**decision, "compile": force, "reason": f"forced ({'on' if force else 'off'})"}
     if not decision["compile"]:
-        return _eager(networks), decision
+        return eager, decision
     decision["cache_loaded"] = load_cache(weights_dir, device) if cached else False
     # dynamic=False: every window has the patch's shape; a dynamic graph would be slower
     return [torch.compile(n, dynamic=False) for n in networks], decision
@@ -174,6 +182,14 @@ def warm_up(networks: list[torch.nn.Module], patch: tuple[int, ...], device: tor
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.monotonic() - t0
+
+
+def measure_eager_pass(net: torch.nn.Module, patch: tuple[int, ...], device: torch.device,
+                       batch_size: int = 1) -> float:
+    """Seconds per window of one eager forward pass on this device (the second of two: the first pays for
+    cuDNN's algorithm search, which the case's first window would pay anyway)."""
+    warm_up([net], patch, device, batch_size)
+    return warm_up([net], patch, device, batch_size) / batch_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -114,7 +114,7 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, options: 
             t1 = time.monotonic()
             model.networks, model.compile_decision = maybe_compile(
                 model.networks, device, model.folder, passes, budget.left(), force=force,
-                batch_size=options.batch_size)
+                batch_size=options.batch_size, patch=model.patch_size)
             t["compile"] = time.monotonic() - t1  # loading a package; torch.compile's warm-up falls in the first pass
     t1 = time.monotonic()
     result, is_labels, pred_report = predict(model, pre.data, options.step_size, options.mirroring, accumulation,
