@@ -7,7 +7,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 
 from cbctseg import lean_forward
 from cbctseg.compile_cache import maybe_compile
-from cbctseg.live_memory import LiveBytes
+from bench.live_memory import LiveBytes
 from cbctseg.model import load_model
 
 CPU = torch.device("cpu")

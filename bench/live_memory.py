@@ -2,7 +2,8 @@
 
 With torch's FakeTensorMode on a fake CUDA device (`cuda_autocast_without_a_gpu` for the autocast), this
 gives a forward pass's tensor memory on a GPU without one: what `torch.cuda.max_memory_allocated` would
-show less cuDNN workspaces and the allocator's rounding (bench/forward_memory.py). Tests use it on the CPU.
+show less cuDNN workspaces and the allocator's rounding (forward_memory.py). Measurement only: not part of the
+engine. The lean-forward test uses it on the CPU.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .precision import autocast_dtype
+from cbctseg.precision import autocast_dtype
 
 
 class LiveBytes(TorchDispatchMode):
