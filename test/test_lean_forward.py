@@ -1,14 +1,19 @@
 """The lean forward pass: nnU-Net's answer bit for bit, with fewer bytes alive at its peak."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
 from cbctseg import lean_forward
 from cbctseg.compile_cache import maybe_compile
-from bench.live_memory import LiveBytes
 from cbctseg.model import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from live_memory import LiveBytes  # noqa: E402  (measurement code lives with the benchmark)
 
 CPU = torch.device("cpu")
 NORM = {"norm_op": torch.nn.InstanceNorm3d, "norm_op_kwargs": {"eps": 1e-5, "affine": True},
