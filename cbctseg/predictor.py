@@ -99,99 +99,169 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
     budget = budget or Budget(None)
     patch = model.patch_size
     padded, revert = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
-    shape = tuple(padded.shape[1:])
-    windows = sliding_windows(shape, patch, step_size)
+    windows = sliding_windows(tuple(padded.shape[1:]), patch, step_size)
     streamed = accumulation == Accumulation.STREAMED
     items = plan_work(len(model.networks), model.mirror_axes, use_mirroring, windows, slab_major=streamed)
     report = PredictionReport(accumulation=accumulation.value, batch_size=batch_size, windows=len(windows),
                               passes_planned=len(items) // len(windows), items_planned=len(items),
                               budget_left_at_start_s=None if budget.deadline is None else round(budget.left(), 1))
     gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=device)
-    # the sums cover the image without its padding (the padding's logits would be cropped away anyway)
-    origin, region = tuple(int(s.start) for s in revert[1:]), tuple(data.shape[1:])
-    normaliser = Normaliser(gaussian, windows, report.passes_planned)
-    if streamed:
-        acc = StreamedLabels(model.num_classes, region, patch[0], device, normaliser, origin)
-    else:
-        acc = Accumulator(model.num_classes, region, device if accumulation == Accumulation.DEVICE
-                          else torch.device("cpu"), normaliser=normaliser, origin=origin)
-    done = [False] * len(items)
-    mandatory_left = sum(1 for it in items if it.mandatory)
-    bar = tqdm(total=len(items), desc="sliding window", unit="window", disable=not progress, leave=False)
-    started, timed_items, skip_reason, since_sync = None, 0, None, 0
-    t_first = budget.clock()
-    ahead: dict[tuple[int, ...], Future] = {}  # batches sent ahead; one the budget then skips is not used
+    acc = _sums(model, data, revert, gaussian, windows, accumulation, report.passes_planned)
+    run = _SlidingWindow(model, padded, items, acc, gaussian, budget, report, in_flight, progress)
+    timer = _Timer(device, budget, report, sync_every, len(items))
     i = 0
     while i < len(items):
-        item = items[i]
-        if not item.mandatory and report.seconds_per_item is not None:
-            # items queued on a GPU since the last wait are not on the clock yet (a CPU runs them in line)
-            queued = since_sync if device.type == "cuda" else 0
-            need = report.seconds_per_item * (1 + mandatory_left + queued)
-            if not budget.allows(need):
-                skip_reason = (f"time budget: {budget.left():.1f} s left, {mandatory_left} required windows and this "
-                               f"one need {need:.1f} s")
-                i += 1
-                continue
-        # a batch: consecutive items of the same network and flip
-        batch = [i]
-        while (len(batch) < batch_size and batch[-1] + 1 < len(items)
-               and items[batch[-1] + 1].model == item.model and items[batch[-1] + 1].flip == item.flip
-               and (item.mandatory or report.seconds_per_item is None
-                    or budget.allows(report.seconds_per_item * (len(batch) + 1 + mandatory_left)))):
-            batch.append(batch[-1] + 1)
+        batch = run.next_batch(i, batch_size, timer.queued())
+        if batch is None:  # the budget skips item i
+            i += 1
+            continue
         if streamed:
-            acc.finish_before(min(items[j].window[0].start for j in range(i, len(items))))
+            acc.finish_before(run.first_slice_from(i))
         try:
-            if in_flight > 1:
-                for b in [b for b in ahead if b[0] < i]:  # skipped by the budget
-                    del ahead[b]
-                for b in _next_batches(items, i, batch_size, in_flight):
-                    net = model.networks[items[b[0]].model]
-                    if b not in ahead and hasattr(net, "submit"):
-                        ahead[b] = net.submit(_window_batch(padded, items, b))
-            sent = ahead.pop(tuple(batch), None)
-            if sent is not None:
-                y = sent.result()
-            else:
-                with autocast(device):
-                    y = model.networks[item.model](_window_batch(padded, items, batch))
-            if not y.is_contiguous():
-                # channels-last networks (precision.memory_format): the sums are channel-major, and adding them a
-                # chunk of channels at a time from a channels-last output would read all of it for every chunk
-                y = y.contiguous()
-            for k, j in enumerate(batch):
-                acc.add(items[j].window, y[k], gaussian, item.flip)
-                done[j] = True
-                mandatory_left -= items[j].mandatory
-                report.items_done += 1
-                bar.update()
+            y = run.forward(batch, batch_size)
+            run.stitch(batch, y)
             del y  # before the next forward pass, which would otherwise hold two outputs
         except RuntimeError as e:
             if not is_oom(e):
                 raise
             del e
-            _recover_from_oom(acc, report, device, streamed)
-            if report.batch_size > 1:
-                report.batch_size = batch_size = max(1, batch_size // 2)
+            batch_size = _recover_from_oom(acc, report, device, streamed)
             continue  # the same item again; finished items stay in the sums
-        since_sync += len(batch)
-        if started is None or since_sync >= sync_every or batch[-1] + 1 == len(items):
-            # the GPU runs ahead of this loop; waiting for it only now and then keeps it busy between passes
-            _sync(device)
-            now = budget.clock()
-            if started is None:
-                # the first batch pays for warm-up: a pessimistic estimate until later batches are timed
-                report.seconds_per_item = (now - t_first) / len(batch)
-                started = now
-            else:
-                timed_items += since_sync
-                report.seconds_per_item = (now - started) / timed_items
-                if report.projected_total_s is None:
-                    report.projected_total_s = round(report.seconds_per_item * len(items), 1)
-            since_sync = 0
+        timer.batch_done(len(batch), last=batch[-1] + 1 == len(items))
         i = batch[-1] + 1
-    bar.close()
+    run.bar.close()
+    _summarise_passes(model, items, run.done, len(windows), run.skip_reason, report)
+    if streamed:
+        return acc.result(), True, report
+    return acc.average(), False, report
+
+
+def _sums(model: Model, data: torch.Tensor, revert: tuple[slice, ...], gaussian: torch.Tensor,
+          windows: list[tuple[slice, ...]], accumulation: Accumulation, passes: int
+          ) -> Accumulator | StreamedLabels:
+    """Empty sums for the case where `accumulation` says, normalised for the planned windows and passes."""
+    device = data.device
+    # the sums cover the image without its padding (the padding's logits would be cropped away anyway)
+    origin, region = tuple(int(s.start) for s in revert[1:]), tuple(data.shape[1:])
+    normaliser = Normaliser(gaussian, windows, passes)
+    if accumulation == Accumulation.STREAMED:
+        return StreamedLabels(model.num_classes, region, model.patch_size[0], device, normaliser, origin)
+    return Accumulator(model.num_classes, region, device if accumulation == Accumulation.DEVICE
+                       else torch.device("cpu"), normaliser=normaliser, origin=origin)
+
+
+class _SlidingWindow:
+    """One case's work items: which the budget lets run next, how a batch runs on its network, and which are done."""
+
+    def __init__(self, model: Model, padded: torch.Tensor, items: list[WorkItem], acc: Accumulator | StreamedLabels,
+                 gaussian: torch.Tensor, budget: Budget, report: PredictionReport, in_flight: int, progress: bool):
+        self.model, self.padded, self.items, self.acc, self.gaussian = model, padded, items, acc, gaussian
+        self.budget, self.report, self.in_flight = budget, report, in_flight
+        self.device = padded.device
+        self.done = [False] * len(items)
+        self.mandatory_left = sum(1 for it in items if it.mandatory)
+        self.skip_reason: str | None = None  # why the budget skipped items, for the report
+        self.ahead: dict[tuple[int, ...], Future] = {}  # batches sent ahead; one the budget then skips is not used
+        self.bar = tqdm(total=len(items), desc="sliding window", unit="window", disable=not progress, leave=False)
+
+    def next_batch(self, i: int, batch_size: int, queued: int) -> list[int] | None:
+        """Item i and the next items of its network and flip, up to batch_size, as far as the budget allows them;
+        None when the budget skips item i. queued: items run but not yet on the clock."""
+        items, item, report, budget = self.items, self.items[i], self.report, self.budget
+        if not item.mandatory and report.seconds_per_item is not None:
+            need = report.seconds_per_item * (1 + self.mandatory_left + queued)
+            if not budget.allows(need):
+                self.skip_reason = (f"time budget: {budget.left():.1f} s left, {self.mandatory_left} required windows "
+                                    f"and this one need {need:.1f} s")
+                return None
+        batch = [i]
+        while (len(batch) < batch_size and batch[-1] + 1 < len(items)
+               and items[batch[-1] + 1].model == item.model and items[batch[-1] + 1].flip == item.flip
+               and (item.mandatory or report.seconds_per_item is None
+                    or budget.allows(report.seconds_per_item * (len(batch) + 1 + self.mandatory_left)))):
+            batch.append(batch[-1] + 1)
+        return batch
+
+    def first_slice_from(self, i: int) -> int:
+        """The first slice (padded-image coordinates) any window from item i on touches."""
+        return min(self.items[j].window[0].start for j in range(i, len(self.items)))
+
+    def forward(self, batch: list[int], batch_size: int) -> torch.Tensor:
+        """The network's output for a batch (channel-major): the answer to a request sent ahead, or run now.
+
+        With in_flight > 1, first sends the next batches ahead to networks that take requests (`submit`)."""
+        if self.in_flight > 1:
+            self._send_ahead(batch[0], batch_size)
+        sent = self.ahead.pop(tuple(batch), None)
+        if sent is not None:
+            y = sent.result()
+        else:
+            with autocast(self.device):
+                y = self.model.networks[self.items[batch[0]].model](_window_batch(self.padded, self.items, batch))
+        if not y.is_contiguous():
+            # channels-last networks (precision.memory_format): the sums are channel-major, and adding them a
+            # chunk of channels at a time from a channels-last output would read all of it for every chunk
+            y = y.contiguous()
+        return y
+
+    def _send_ahead(self, i: int, batch_size: int) -> None:
+        for b in [b for b in self.ahead if b[0] < i]:  # skipped by the budget
+            del self.ahead[b]
+        for b in _next_batches(self.items, i, batch_size, self.in_flight):
+            net = self.model.networks[self.items[b[0]].model]
+            if b not in self.ahead and hasattr(net, "submit"):
+                self.ahead[b] = net.submit(_window_batch(self.padded, self.items, b))
+
+    def stitch(self, batch: list[int], y: torch.Tensor) -> None:
+        """Add a batch's outputs to the sums and count its items done."""
+        flip = self.items[batch[0]].flip
+        for k, j in enumerate(batch):
+            self.acc.add(self.items[j].window, y[k], self.gaussian, flip)
+            self.done[j] = True
+            self.mandatory_left -= self.items[j].mandatory
+            self.report.items_done += 1
+            self.bar.update()
+
+
+class _Timer:
+    """Waits for the device now and then, and times the items run so far (report.seconds_per_item) for the budget.
+
+    The GPU runs ahead of the loop; waiting for it only now and then keeps it busy between passes."""
+
+    def __init__(self, device: torch.device, budget: Budget, report: PredictionReport, sync_every: int,
+                 items: int):
+        self.device, self.budget, self.report, self.sync_every, self.items = device, budget, report, sync_every, items
+        self.started: float | None = None
+        self.timed_items = 0
+        self.since_sync = 0
+        self.t_first = budget.clock()
+
+    def queued(self) -> int:
+        """Items queued on a GPU since the last wait, not on the clock yet (a CPU runs them in line)."""
+        return self.since_sync if self.device.type == "cuda" else 0
+
+    def batch_done(self, n: int, last: bool) -> None:
+        """Count a batch of n items; wait for the device and time it after the first batch, every sync_every
+        items and after the last."""
+        self.since_sync += n
+        if self.started is None or self.since_sync >= self.sync_every or last:
+            _sync(self.device)
+            now = self.budget.clock()
+            if self.started is None:
+                # the first batch pays for warm-up: a pessimistic estimate until later batches are timed
+                self.report.seconds_per_item = (now - self.t_first) / n
+                self.started = now
+            else:
+                self.timed_items += self.since_sync
+                self.report.seconds_per_item = (now - self.started) / self.timed_items
+                if self.report.projected_total_s is None:
+                    self.report.projected_total_s = round(self.report.seconds_per_item * self.items, 1)
+            self.since_sync = 0
+
+
+def _summarise_passes(model: Model, items: list[WorkItem], done: list[bool], windows: int,
+                      skip_reason: str | None, report: PredictionReport) -> None:
+    """Name every pass in the report: done, or skipped with how many of its windows and why."""
     passes: dict[tuple, list[int]] = {}
     for k, it in enumerate(items):
         passes.setdefault((it.model, it.flip), []).append(k)
@@ -201,14 +271,13 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
         if missing == 0:
             report.passes_done.append(name)
         else:
-            report.skipped.append(f"{name}: {missing} of {len(windows)} windows ({skip_reason})")
-    if streamed:
-        return acc.result(), True, report
-    return acc.average(), False, report
+            report.skipped.append(f"{name}: {missing} of {windows} windows ({skip_reason})")
 
 
-def _recover_from_oom(acc, report: PredictionReport, device: torch.device, streamed: bool) -> None:
-    """Free what can be freed and move the sums off the GPU; nothing finished is lost."""
+def _recover_from_oom(acc, report: PredictionReport, device: torch.device, streamed: bool) -> int:
+    """Free what can be freed, move the sums off the GPU, halve the batch; nothing finished is lost.
+
+    Returns the batch size to go on with; raises when nothing is left to give up."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if isinstance(acc, Accumulator) and acc.device.type == "cuda":
@@ -223,3 +292,6 @@ def _recover_from_oom(acc, report: PredictionReport, device: torch.device, strea
         report.events.append(f"out of memory: batch {report.batch_size} -> {max(1, report.batch_size // 2)}")
     else:
         raise torch.OutOfMemoryError("out of memory with batch size 1 and the sums on the CPU")
+    if report.batch_size > 1:
+        report.batch_size = max(1, report.batch_size // 2)
+    return report.batch_size
