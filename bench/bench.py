@@ -173,8 +173,8 @@ def _engine_predict(model, data, step: float, accumulation, batch_size: int):
 def run_ours(model, image: np.ndarray, spacing: list[float], device: torch.device,
              args) -> tuple[np.ndarray, dict, dict]:
     """Image array in, label map (contiguous labels, CPU) out; seconds per stage and what the engine chose."""
+    from cbctseg.finalize import finalize
     from cbctseg.postprocess import to_fdi
-    from cbctseg.predictor import finalize
     from cbctseg.preprocess import preprocess
     from cbctseg.resources import cutoffs, label_map
     from cbctseg.run import choose_accumulation

@@ -17,10 +17,11 @@ import torch
 
 from . import gc_io, preflight
 from .device import describe, free_memory, peak_memory_gb, select_device
+from .finalize import finalize
 from .model import Model, ModelError, default_model_folder, load_model
 from .options import CaseOptions
 from .postprocess import to_fdi
-from .predictor import Accumulation, finalize, predict
+from .predictor import Accumulation, predict
 from .preprocess import preprocess
 from .resources import cutoffs, label_map, task
 from .compile_cache import maybe_compile

@@ -9,13 +9,15 @@ import SimpleITK as sitk
 import torch
 
 from cbctseg import gc_io
+from cbctseg.finalize import finalize
 from cbctseg.model import load_model
 from cbctseg.phantom import PhantomSpec, make_phantom_arrays
-from cbctseg.predictor import Accumulation, Accumulator, StreamedLabels, finalize, predict
+from cbctseg.predictor import Accumulation, predict
 from cbctseg.preprocess import preprocess
 from cbctseg.options import CaseOptions
 from cbctseg.run import predict_case
 from cbctseg.schedule import Budget, plan_work, sliding_windows
+from cbctseg.stitching import Accumulator, StreamedLabels
 from conftest import WEIGHTS, write_phantom
 
 CPU = torch.device("cpu")

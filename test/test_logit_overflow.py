@@ -24,8 +24,8 @@ import torch
 
 from cbctseg.model import CHECKPOINT, load_model
 from cbctseg.model_manifest import build_manifest, write_manifest
-from cbctseg.predictor import Accumulator, NonFiniteLogits, Normaliser
 from cbctseg.resources import label_map
+from cbctseg.stitching import Accumulator, NonFiniteLogits, Normaliser
 from conftest import OBLIQUE, WEIGHTS, run_process, write_phantom
 
 OVERFLOW_FACTOR, OVERFLOW_OFFSET = 40.0, 1500.0

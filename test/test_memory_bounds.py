@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from cbctseg.predictor import CHUNK_BYTES
+from cbctseg.stitching import CHUNK_BYTES
 from conftest import REPO, WEIGHTS, write_phantom
 
 CLASSES = 43
