@@ -199,7 +199,7 @@ class _SlidingWindow:
             with autocast(self.device):
                 y = self.model.networks[self.items[batch[0]].model](_window_batch(self.padded, self.items, batch))
         if not y.is_contiguous():
-            # channels-last networks (precision.memory_format): the sums are channel-major, and adding them a
+            # a channels-last output (a backend's own layout): the sums are channel-major, and adding them a
             # chunk of channels at a time from a channels-last output would read all of it for every chunk
             y = y.contiguous()
         return y

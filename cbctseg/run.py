@@ -72,7 +72,7 @@ def choose_accumulation(model: Model, shape: tuple[int, ...], needs_resampling: 
     free = free_memory(device)
     if free is None:
         return Accumulation.DEVICE if needs_resampling else Accumulation.STREAMED
-    # the sums cover the image without the padding to the patch size (predictor.Accumulator)
+    # the sums cover the image without the padding to the patch size (stitching.Accumulator)
     per_slice = int(np.prod(shape[1:])) * (2 * model.num_classes + 4)
     margin = forward_bytes(model, batch_size) + 1024**3
     if not needs_resampling and per_slice * min(model.patch_size[0], shape[0]) + margin < free:
