@@ -99,7 +99,7 @@ def slug(text: str) -> str:
 
 
 def environment(device: torch.device) -> dict:
-    from cbctseg.device import describe
+    from cbctseg.networks.device import describe
 
     env = describe(device)
     for pkg in ("nnunetv2", "dynamic_network_architectures", "numpy", "SimpleITK"):
@@ -114,7 +114,7 @@ def environment(device: torch.device) -> dict:
 
 def phantom(shape: tuple[int, int, int], spacing: float, seed: int = 0) -> np.ndarray:
     """A CBCT-like phantom as our reader returns it: integer HU values in a float32 array (z, y, x)."""
-    from cbctseg.phantom import PhantomSpec, make_phantom_arrays
+    from cbctseg.training.phantom import PhantomSpec, make_phantom_arrays
 
     image, _ = make_phantom_arrays(PhantomSpec(shape=shape, spacing=(spacing,) * 3, seed=seed))
     return np.round(image).astype(np.int16).astype(np.float32)
@@ -123,7 +123,7 @@ def phantom(shape: tuple[int, int, int], spacing: float, seed: int = 0) -> np.nd
 def expected_passes(patch: tuple[int, ...], n_models: int, mirror_axes: tuple[int, ...], shape: tuple[int, ...],
                     step: float) -> tuple[int, int]:
     """(windows, forward passes) for a case of this network-space shape."""
-    from cbctseg.schedule import flip_combinations, sliding_windows
+    from cbctseg.inference.schedule import flip_combinations, sliding_windows
 
     padded = tuple(max(s, p) for s, p in zip(shape, patch))
     windows = len(sliding_windows(padded, tuple(patch), step))
@@ -154,14 +154,14 @@ def forward_tflop(weights: Path, folds: list[str]) -> float:
 # ---------------------------------------------------------------- our engine
 
 def load_ours(weights: Path, folds: list[str], device: torch.device):
-    from cbctseg.model import load_model
+    from cbctseg.model.loading import load_model
 
     return load_model(weights, folds, device)
 
 
 def _engine_predict(model, data, step: float, accumulation, batch_size: int):
-    """cbctseg.predictor's sliding window, called with the keyword arguments its signature has."""
-    from cbctseg import predictor as P
+    """cbctseg.inference.predictor's sliding window, called with the keyword arguments its signature has."""
+    from cbctseg.inference import predictor as P
 
     fn = getattr(P, "predict", None) or P.predict_logits
     kw = {"step_size": step, "use_mirroring": True, "accumulation": accumulation, "accumulate_on": accumulation,
@@ -173,9 +173,9 @@ def _engine_predict(model, data, step: float, accumulation, batch_size: int):
 def run_ours(model, image: np.ndarray, spacing: list[float], device: torch.device,
              args) -> tuple[np.ndarray, dict, dict]:
     """Image array in, label map (contiguous labels, CPU) out; seconds per stage and what the engine chose."""
-    from cbctseg.finalize import finalize
-    from cbctseg.postprocess import to_fdi
-    from cbctseg.preprocess import preprocess
+    from cbctseg.inference.finalize import finalize
+    from cbctseg.inference.postprocess import to_fdi
+    from cbctseg.inference.preprocess import preprocess
     from cbctseg.resources import cutoffs, label_map
     from cbctseg.run import choose_accumulation
 
@@ -272,10 +272,10 @@ def cold_start(engine: str, weights: Path, args, passes: int, tmp: Path, compile
 
 
 def make_compile_cache(weights: Path, args, tmp: Path, aot: bool = False) -> dict:
-    """`python -m cbctseg.compile_cache [--aot]` in a fresh process (cold compile): the portable cache, or the AOT
+    """`python -m cbctseg.networks.compile_cache [--aot]` in a fresh process (cold compile): the portable cache, or the AOT
     package, that the engine ships with."""
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "cbctseg.compile_cache", "--weights", str(weights), "--device",
+    r = subprocess.run([sys.executable, "-m", "cbctseg.networks.compile_cache", "--weights", str(weights), "--device",
                         args.device, "--batch-size", str(args.batch_size), *(["--aot"] if aot else [])],
                        capture_output=True, text=True, cwd=REPO, env=child_env(tmp, "make-cache"))
     if r.returncode != 0:
@@ -286,7 +286,7 @@ def make_compile_cache(weights: Path, args, tmp: Path, aot: bool = False) -> dic
 # ---------------------------------------------------------------- one shape
 
 def bench_shape(shape, image: np.ndarray, ours, nnunet, weights: Path, device: torch.device, args) -> dict:
-    from cbctseg.compile_cache import maybe_compile
+    from cbctseg.networks.compile_cache import maybe_compile
 
     spacing = [args.spacing] * 3
     m = ours["model"]
@@ -370,7 +370,7 @@ def window_weight(idx: tuple[np.ndarray, ...], shape: tuple[int, ...], patch: tu
     """Sum of the sliding window's Gaussian weights (nnU-Net's, in fp32) at voxels idx of an unpadded image."""
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
-    from cbctseg.schedule import sliding_windows
+    from cbctseg.inference.schedule import sliding_windows
 
     g = compute_gaussian(tuple(patch), 1.0 / 8, value_scaling_factor=10, device=torch.device("cpu")).float().numpy()
     w = np.zeros(len(idx[0]), dtype=np.float64)
@@ -613,8 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold-repeats", type=int, default=None,
                    help="cold-start processes per engine (default: --repeats)")
     p.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "auto", "aot"],
-                   help="compile our networks: torch.compile (on), cbctseg.compile_cache's rule (auto), or an AOT "
-                        "package built first by `python -m cbctseg.compile_cache --aot` (aot)")
+                   help="compile our networks: torch.compile (on), cbctseg.networks.compile_cache's rule (auto), or an AOT "
+                        "package built first by `python -m cbctseg.networks.compile_cache --aot` (aot)")
     p.add_argument("--aot-fallback", action="store_true",
                    help="with --compile aot: when the package cannot be built or loaded, record why and run with "
                         "torch.compile (--compile on) instead of stopping")

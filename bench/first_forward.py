@@ -36,8 +36,8 @@ def main() -> int:
     if a.engine == "ours":
         sys.path.insert(0, str(REPO))
         import cbctseg.run  # noqa: F401  (what process.py imports before the first case)
-        from cbctseg.compile_cache import maybe_compile
-        from cbctseg.model import load_model
+        from cbctseg.networks.compile_cache import maybe_compile
+        from cbctseg.model.loading import load_model
 
         out["import_s"] = time.monotonic() - t0
         t1 = time.monotonic()

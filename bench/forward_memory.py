@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_model import TF2_CONFIGURATION, TF2_DATASET, TF2_PLANS, build_network, plans_with  # noqa: E402
 
-from cbctseg import lean_forward, precision  # noqa: E402
+from cbctseg.networks import lean_forward, precision  # noqa: E402
 from live_memory import LiveBytes, cuda_autocast_without_a_gpu  # noqa: E402
 
 VARIANTS = ("fp32-weights", "fp16-weights", "fp16-weights-lean")

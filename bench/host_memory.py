@@ -54,7 +54,7 @@ def write_case(folder: Path, shape: tuple[int, ...]) -> Path:
     """A phantom of shape (z, y, x) at 0.3 mm in folder/<shape>/case.mha (kept for later runs)."""
     import SimpleITK as sitk
 
-    from cbctseg.phantom import PhantomSpec, make_phantom
+    from cbctseg.training.phantom import PhantomSpec, make_phantom
 
     path = folder / "x".join(map(str, shape)) / "case.mha"
     if not path.is_file():

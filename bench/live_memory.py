@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from cbctseg.precision import autocast_dtype
+from cbctseg.networks.precision import autocast_dtype
 
 
 class LiveBytes(TorchDispatchMode):

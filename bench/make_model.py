@@ -80,8 +80,8 @@ def fit_network(net: torch.nn.Module, plans: dict, configuration: str, steps: in
     """
     if str(REPO) not in sys.path:  # run as a script, the engine's package is beside bench/
         sys.path.insert(0, str(REPO))
-    from cbctseg.phantom import PhantomSpec, make_phantom_arrays
-    from cbctseg.preprocess import ct_normalize_
+    from cbctseg.training.phantom import PhantomSpec, make_phantom_arrays
+    from cbctseg.inference.preprocess import ct_normalize_
     from cbctseg.resources import label_map
 
     cfg = plans["configurations"][configuration]
@@ -144,7 +144,7 @@ def make_model_folder(out: Path, plans_path: Path = TF2_PLANS, dataset_path: Pat
                                                      "configuration": configuration, "trainer": TRAINER}, indent=1))
     if str(REPO) not in sys.path:  # run as a script, the engine's package is beside bench/
         sys.path.insert(0, str(REPO))
-    from cbctseg.model_manifest import build_manifest, write_manifest
+    from cbctseg.model.manifest import build_manifest, write_manifest
 
     write_manifest(out, build_manifest(out, [str(f) for f in folds], configuration=configuration, trainer=TRAINER))
     return out

@@ -40,8 +40,8 @@ from bench import (BENCH, agreement_of, load_nnunet, load_ours, peak_gb, phantom
 from forward_flops import achieved_tflops, count
 from make_model import TF2_CONFIGURATION, TF2_DATASET, TF2_PLANS, build_network, make_model_folder, plans_with
 
-from cbctseg import lean_forward, precision
-from cbctseg.precision import autocast
+from cbctseg.networks import lean_forward, precision
+from cbctseg.networks.precision import autocast
 
 T0 = time.monotonic()
 RESULTS: dict = {}
@@ -300,12 +300,12 @@ def main() -> int:
     atexit.register(shutil.rmtree, model_dir, ignore_errors=True)
     weights = make_model_folder(model_dir / "model", configuration=conf)
     if c0 is not None:
-        from cbctseg.compile_cache import save_cache
+        from cbctseg.networks.compile_cache import save_cache
 
         attempt("compile_cache", lambda: note("compile_cache_mb", round(save_cache(weights, dev).stat().st_size / 1e6, 1)))
 
     if "aot" in steps and left() > 150:
-        from cbctseg import aot_package
+        from cbctseg.networks import aot_package
 
         def aot(max_autotune: bool):
             tag = "aot_max_autotune" if max_autotune else "aot"
@@ -330,7 +330,7 @@ def main() -> int:
 
     # the engine on the largest shape, batch 1, streamed and device accumulation
     if "engine" in steps and left() > 200:
-        from cbctseg.compile_cache import maybe_compile
+        from cbctseg.networks.compile_cache import maybe_compile
 
         def engine():
             model = load_ours(weights, ["0", "1"], dev)

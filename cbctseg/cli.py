@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import options
+from cbctseg import options
 
 log = logging.getLogger("cbctseg")
 
@@ -16,7 +16,7 @@ APP_DIR = Path(__file__).resolve().parent.parent
 
 
 def _budget(value: str) -> float:
-    from .preflight import PreflightError, budget_seconds
+    from cbctseg.io.preflight import PreflightError, budget_seconds
 
     try:
         return budget_seconds(value)
@@ -49,13 +49,13 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
                    help="also write a PNG per case (axial, coronal, sagittal slices with the labels) to this folder")
     p.add_argument("--report", type=Path, default=None,
                    help="write the per-case JSON reports to this file (default: stderr only)")
-    from .triton_backend import add_backend_arguments
+    from cbctseg.networks.triton_backend import add_backend_arguments
 
     add_backend_arguments(p)
 
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
-    from .training.pipeline import TF2_CONFIGURATION
+    from cbctseg.training.pipeline import TF2_CONFIGURATION
 
     p.add_argument("--raw", type=Path, required=True, help="raw ToothFairy2 folder: imagesTr/, labelsTr/ (FDI values)")
     p.add_argument("--work", type=Path, required=True, help="working folder for nnU-Net's raw, preprocessed, results")
@@ -112,11 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     _predict_parser(sub.add_parser("predict", help="segment CBCT volumes (default)"))
     _train_parser(sub.add_parser("train", help="raw ToothFairy2 dataset -> weights/ (resumable)"))
     _phantom_parser(sub.add_parser("phantom", help="write synthetic CBCT phantoms"))
-    from .evaluation import add_arguments as _evaluate_parser
+    from cbctseg.evaluation.evaluate import add_arguments as _evaluate_parser
 
     _evaluate_parser(sub.add_parser("evaluate", help="Dice and HD95 per structure, as the challenge scores them"))
     _cutoffs_parser(sub.add_parser("cutoffs", help="per-class volume cutoffs from cross-validation predictions"))
-    from . import cohort, compile_cache, triton_export
+    from cbctseg import cohort
+    from cbctseg.networks import compile_cache, triton_export
 
     compile_cache.add_arguments(sub.add_parser(
         "compile", help="networks compiled ahead of time for this device: an AOT package or a compile cache"))
@@ -129,12 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .termination import Terminated, raising_on_signals
+    from cbctseg.termination import Terminated, raising_on_signals
 
     # a signal while torch is imported (seconds), before predict_main handles signals itself, still gets a report
     with raising_on_signals():
         try:
-            from .run import predict_main
+            from cbctseg.run import predict_main
 
             return predict_main(args)
         except Terminated as t:
@@ -144,12 +145,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _report_not_started(args: argparse.Namespace, t: BaseException) -> None:
     """results.json for a run stopped before any case started, unless the run wrote one itself."""
-    loaded = sys.modules.get("cbctseg.gc_io")
+    loaded = sys.modules.get("cbctseg.io.gc_io")
     if loaded is not None and loaded.results_written:
         return
     log.error("%s before the run started", t)
     try:
-        from . import gc_io
+        from cbctseg.io import gc_io
 
         message = f"not started: {t}"
         try:
@@ -162,7 +163,7 @@ def _report_not_started(args: argparse.Namespace, t: BaseException) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.pipeline import DatasetError, TrainOptions, run
+    from cbctseg.training.pipeline import DatasetError, TrainOptions, run
 
     opts = TrainOptions(raw=args.raw, work=args.work, weights=args.weights, dataset_id=args.dataset_id,
                         configuration=args.configuration, models=tuple(args.models), num_gpus=args.num_gpus,
@@ -182,7 +183,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_phantom(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
-    from .phantom import PhantomSpec, make_phantom, write_raw_dataset
+    from cbctseg.training.phantom import PhantomSpec, make_phantom, write_raw_dataset
 
     if args.dataset:
         names = write_raw_dataset(args.out, args.cases, shape=args.shape, seed=args.seed, spacing=args.spacing)
@@ -200,13 +201,13 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import run_from_args
+    from cbctseg.evaluation.evaluate import run_from_args
 
     return run_from_args(args)
 
 
 def cmd_cutoffs(args: argparse.Namespace) -> int:
-    from .training.cutoffs import find_cutoffs, write_cutoffs
+    from cbctseg.training.cutoffs import find_cutoffs, write_cutoffs
 
     try:
         found, n = find_cutoffs(args.pred, args.truth, args.pred_labels == "contiguous",
@@ -221,8 +222,8 @@ def cmd_cutoffs(args: argparse.Namespace) -> int:
 
 
 def cmd_seal(args: argparse.Namespace) -> int:
-    from .model import ModelError, seal_model
-    from .model_manifest import MANIFEST
+    from cbctseg.model.loading import ModelError, seal_model
+    from cbctseg.model.manifest import MANIFEST
 
     try:
         folder, manifest = seal_model(args.weights, args.folds, args.demo)
@@ -244,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(["predict", *argv])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from . import cohort, compile_cache, triton_export
+    from cbctseg import cohort
+    from cbctseg.networks import compile_cache, triton_export
 
     commands = {"predict": cmd_predict, "train": cmd_train, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
                 "cutoffs": cmd_cutoffs, "compile": compile_cache.run_from_args,

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import gc_io
-from .model import Model, ModelError, default_model_folder, load_model
-from .options import CaseOptions, positive_int, step_size
-from .resources import label_map, task
-from .schedule import Budget
-from .triton_backend import TritonError, add_backend_arguments, use_backend
+from cbctseg.io import gc_io
+from cbctseg.model.loading import Model, ModelError, default_model_folder, load_model
+from cbctseg.options import CaseOptions, positive_int, step_size
+from cbctseg.resources import label_map, task
+from cbctseg.inference.schedule import Budget
+from cbctseg.networks.triton_backend import TritonError, add_backend_arguments, use_backend
 
 log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def run_cohort(cases: list[gc_io.Case], model: Model, device: torch.device, opti
                workers: int = 2, time_budget_s: float | None = None, overwrite: bool = False,
                progress: bool = True) -> list[dict]:
     """Segment the cases, `workers` at a time; returns one report per case (ok, failed, skipped, not started)."""
-    from .run import predict_case
+    from cbctseg.run import predict_case
 
     todo = [c for c in cases if overwrite or not c.output_path.exists()]
     started = {c.output_path for c in todo}
@@ -140,7 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """The `cohort` subcommand: 0 when no case failed, 1 when some did, 2 when nothing could start."""
-    from .device import select_device
+    from cbctseg.networks.device import select_device
 
     t0 = time.monotonic()
     try:

@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import gc_io, preflight
-from .device import describe, free_memory, peak_memory_gb, select_device
-from .finalize import finalize
-from .model import Model, ModelError, default_model_folder, load_model
-from .options import CaseOptions
-from .postprocess import to_fdi
-from .predictor import Accumulation, predict
-from .preprocess import preprocess
-from .resources import cutoffs, label_map, task
-from .compile_cache import maybe_compile
-from .schedule import Budget, anytime_passes, sliding_windows
-from .termination import Terminated, raising_on_signals
-from .triton_backend import TritonError, use_backend
+from cbctseg.io import gc_io, preflight
+from cbctseg.networks.device import describe, free_memory, peak_memory_gb, select_device
+from cbctseg.inference.finalize import finalize
+from cbctseg.model.loading import Model, ModelError, default_model_folder, load_model
+from cbctseg.options import CaseOptions
+from cbctseg.inference.postprocess import to_fdi
+from cbctseg.inference.predictor import Accumulation, predict
+from cbctseg.inference.preprocess import preprocess
+from cbctseg.resources import cutoffs, label_map, task
+from cbctseg.networks.compile_cache import maybe_compile
+from cbctseg.inference.schedule import Budget, anytime_passes, sliding_windows
+from cbctseg.termination import Terminated, raising_on_signals
+from cbctseg.networks.triton_backend import TritonError, use_backend
 
 log = logging.getLogger("cbctseg")
 
@@ -131,7 +131,7 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, options: 
     t1 = time.monotonic()
     gc_io.write_label_map(fdi, vol, case.output_path)
     if options.pictures:
-        from .pictures import render_case
+        from cbctseg.evaluation.pictures import render_case
 
         render_case(vol.array, fdi, Path(options.pictures) / f"{Path(case.name).stem}.png", title=case.name)
     t["write"] = time.monotonic() - t1

@@ -18,7 +18,7 @@ for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
     os.environ.setdefault(var, "/tmp/nnunet_unused")
 
 sys.path.insert(0, str(REPO))
-from cbctseg.phantom import PhantomSpec, make_phantom  # noqa: E402
+from cbctseg.training.phantom import PhantomSpec, make_phantom
 
 # a non-identity direction: axes permuted and flipped, as a scanner may store them
 OBLIQUE = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)

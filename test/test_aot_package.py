@@ -13,10 +13,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cbctseg import aot_package, precision
-from cbctseg.compile_cache import maybe_compile
-from cbctseg.model import load_model
-from cbctseg.model_manifest import build_manifest, write_manifest
+from cbctseg.networks import aot_package, precision
+from cbctseg.networks.compile_cache import maybe_compile
+from cbctseg.model.loading import load_model
+from cbctseg.model.manifest import build_manifest, write_manifest
 from conftest import REPO, run_process
 
 CPU = torch.device("cpu")

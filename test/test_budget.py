@@ -8,16 +8,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cbctseg import gc_io
-from cbctseg.finalize import finalize
-from cbctseg.model import load_model
-from cbctseg.phantom import PhantomSpec, make_phantom_arrays
-from cbctseg.predictor import Accumulation, predict
-from cbctseg.preprocess import preprocess
+from cbctseg.io import gc_io
+from cbctseg.inference.finalize import finalize
+from cbctseg.model.loading import load_model
+from cbctseg.training.phantom import PhantomSpec, make_phantom_arrays
+from cbctseg.inference.predictor import Accumulation, predict
+from cbctseg.inference.preprocess import preprocess
 from cbctseg.options import CaseOptions
 from cbctseg.run import predict_case
-from cbctseg.schedule import Budget, plan_work, sliding_windows
-from cbctseg.stitching import Accumulator, StreamedLabels
+from cbctseg.inference.schedule import Budget, plan_work, sliding_windows
+from cbctseg.inference.stitching import Accumulator, StreamedLabels
 from conftest import WEIGHTS, write_phantom
 
 CPU = torch.device("cpu")

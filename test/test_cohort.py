@@ -5,10 +5,10 @@ import json
 
 import torch
 
-from cbctseg import gc_io
+from cbctseg.io import gc_io
 from cbctseg.cohort import run_cohort
 from cbctseg.options import CaseOptions
-from cbctseg.model import load_model
+from cbctseg.model.loading import load_model
 from cbctseg.resources import label_map
 from conftest import run_process, write_phantom
 

@@ -1,10 +1,10 @@
-"""When compiling the networks pays: the pure decision rule of cbctseg.compile_cache (fast, CPU only)."""
+"""When compiling the networks pays: the pure decision rule of cbctseg.networks.compile_cache (fast, CPU only)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cbctseg.compile_cache import Costs, cache_path, decide, maybe_compile
+from cbctseg.networks.compile_cache import Costs, cache_path, decide, maybe_compile
 
 # Costs() defaults are the H100's measured times: 0.131 s eager, 0.065 s compiled, 45 s cold warm-up, 17 s with the cache
 

@@ -1,4 +1,4 @@
-"""cbctseg.evaluation against medpy (the ToothFairy2 evaluation container's own metric code)."""
+"""cbctseg.evaluation.evaluate against medpy (the ToothFairy2 evaluation container's own metric code)."""
 from __future__ import annotations
 
 import argparse
@@ -12,9 +12,9 @@ import SimpleITK as sitk
 from medpy.metric import binary  # test-only dependency: the reference implementation
 from scipy.ndimage import binary_erosion, gaussian_filter
 
-from cbctseg.evaluation import (EvaluationError, add_arguments, evaluate_case, evaluate_folder, format_table, hd95,
+from cbctseg.evaluation.evaluate import (EvaluationError, add_arguments, evaluate_case, evaluate_folder, format_table, hd95,
                                 run_from_args, write_reports)
-from cbctseg.phantom import PhantomSpec, make_phantom_arrays
+from cbctseg.training.phantom import PhantomSpec, make_phantom_arrays
 from cbctseg.resources import label_map
 
 SHAPE = (40, 64, 64)

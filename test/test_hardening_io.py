@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cbctseg import gc_io, preflight
+from cbctseg.io import gc_io, preflight
 from conftest import REPO, WEIGHTS, run_process, write_phantom
 
 OUT_DIR = "images/oral-pharyngeal-segmentation"

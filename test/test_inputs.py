@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cbctseg import gc_io
-from cbctseg.model_manifest import build_manifest, write_manifest
+from cbctseg.io import gc_io
+from cbctseg.model.manifest import build_manifest, write_manifest
 from conftest import run_process, write_phantom
 
 OUT_DIR = "images/oral-pharyngeal-segmentation"

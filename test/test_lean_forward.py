@@ -8,9 +8,9 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
-from cbctseg import lean_forward
-from cbctseg.compile_cache import maybe_compile
-from cbctseg.model import load_model
+from cbctseg.networks import lean_forward
+from cbctseg.networks.compile_cache import maybe_compile
+from cbctseg.model.loading import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from live_memory import LiveBytes  # noqa: E402  (measurement code lives with the benchmark)

@@ -22,10 +22,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cbctseg.model import CHECKPOINT, load_model
-from cbctseg.model_manifest import build_manifest, write_manifest
+from cbctseg.model.loading import CHECKPOINT, load_model
+from cbctseg.model.manifest import build_manifest, write_manifest
 from cbctseg.resources import label_map
-from cbctseg.stitching import Accumulator, NonFiniteLogits, Normaliser
+from cbctseg.inference.stitching import Accumulator, NonFiniteLogits, Normaliser
 from conftest import OBLIQUE, WEIGHTS, run_process, write_phantom
 
 OVERFLOW_FACTOR, OVERFLOW_OFFSET = 40.0, 1500.0
@@ -71,9 +71,9 @@ def all_passes(model_folder: Path, tmp_path: Path, normalised: bool = True):
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
-    from cbctseg import gc_io
-    from cbctseg.preprocess import preprocess
-    from cbctseg.schedule import anytime_passes, sliding_windows
+    from cbctseg.io import gc_io
+    from cbctseg.inference.preprocess import preprocess
+    from cbctseg.inference.schedule import anytime_passes, sliding_windows
 
     cpu = torch.device("cpu")
     model = load_model(model_folder, device=cpu)

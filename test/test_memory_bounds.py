@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from cbctseg.stitching import CHUNK_BYTES
+from cbctseg.inference.stitching import CHUNK_BYTES
 from conftest import REPO, WEIGHTS, write_phantom
 
 CLASSES = 43
@@ -54,7 +54,7 @@ def test_a_wide_case_costs_little_more_than_its_fp16_sums(tmp_path, weights, spa
 SEG_LAYER_PEAK = """
 import sys, torch
 from pathlib import Path
-from cbctseg.model import load_model
+from cbctseg.model.loading import load_model
 
 def rss(field):
     return next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines()

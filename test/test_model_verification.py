@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbctseg.model import ModelError, load_model, seal_model
-from cbctseg.model_layout import MODEL_DIR_ENV, default_model_folder
-from cbctseg.model_manifest import MANIFEST, build_manifest, check_labels, write_manifest
+from cbctseg.model.loading import ModelError, load_model, seal_model
+from cbctseg.model.layout import MODEL_DIR_ENV, default_model_folder
+from cbctseg.model.manifest import MANIFEST, build_manifest, check_labels, write_manifest
 from conftest import REPO, write_phantom
 
 OUT_DIR = "images/oral-pharyngeal-segmentation"
@@ -152,7 +152,7 @@ def test_a_missing_declared_fold_is_refused_and_explicit_folds_still_work(weight
         load_model(folder, ["2"])
     # a checkpoint the manifest does not declare is not used, and the log says so
     shutil.copytree(folder / "fold_0", folder / "fold_3")
-    with caplog.at_level(logging.WARNING, logger="cbctseg.model"):
+    with caplog.at_level(logging.WARNING, logger="cbctseg.model.loading"):
         model = load_model(folder, ["0"])
     assert model.folds == ["0"] and "fold(s) 3 have checkpoints but checksums.json does not declare them" in caplog.text
 
@@ -299,17 +299,17 @@ def test_label_kinds_and_counts(weights):
 # 5. the demo says so
 
 def test_demo_weights_warn_in_the_log_and_others_do_not(weights, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="cbctseg.model"):
+    with caplog.at_level(logging.WARNING, logger="cbctseg.model.loading"):
         assert load_model(weights).describe()["demo"] is True  # what every case report carries
     assert "holds DEMO weights" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cbctseg.model"):
+    with caplog.at_level(logging.WARNING, logger="cbctseg.model.loading"):
         assert not load_model(model_copy(weights, tmp_path / "m")).demo
     assert "DEMO" not in caplog.text
 
 
 def test_the_image_build_check_verifies_the_weights_and_shouts_demo(weights, tmp_path):
-    check = [sys.executable, "-m", "cbctseg.model_manifest"]
+    check = [sys.executable, "-m", "cbctseg.model.manifest"]
     r = subprocess.run([*check, str(weights)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "WARNING: model folder" in r.stderr and "holds DEMO weights" in r.stderr, r.stderr
     folder = model_copy(weights, tmp_path / "m")

@@ -32,8 +32,8 @@ def test_fdi_values_reach_the_file_for_every_structure(tmp_path):
     """Every contiguous label the network can emit arrives as its FDI value, on the input grid."""
     import torch
 
-    from cbctseg import gc_io
-    from cbctseg.postprocess import to_fdi
+    from cbctseg.io import gc_io
+    from cbctseg.inference.postprocess import to_fdi
 
     image, truth = write_phantom(tmp_path / "x.mha", shape=(24, 32, 32), direction=OBLIQUE, seed=2)
     vol = gc_io.read_volume(tmp_path / "x.mha")

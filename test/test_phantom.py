@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from cbctseg.phantom import PhantomSpec, make_phantom, make_phantom_arrays
+from cbctseg.training.phantom import PhantomSpec, make_phantom, make_phantom_arrays
 from cbctseg.resources import label_map
 from conftest import OBLIQUE
 

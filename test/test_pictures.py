@@ -1,11 +1,11 @@
-"""cbctseg.pictures: fixed size, fixed colour per structure, only present structures shown."""
+"""cbctseg.evaluation.pictures: fixed size, fixed colour per structure, only present structures shown."""
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from cbctseg.phantom import PhantomSpec, make_phantom_arrays
-from cbctseg.pictures import COLOURS, LEGEND_PX, png_size, render_case
+from cbctseg.training.phantom import PhantomSpec, make_phantom_arrays
+from cbctseg.evaluation.pictures import COLOURS, LEGEND_PX, png_size, render_case
 from cbctseg.resources import label_map
 
 

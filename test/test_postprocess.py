@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cbctseg.postprocess import to_fdi
+from cbctseg.inference.postprocess import to_fdi
 from cbctseg.resources import label_map
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from cbctseg import precision
-from cbctseg.model import ModelError, load_model
+from cbctseg.networks import precision
+from cbctseg.model.loading import ModelError, load_model
 
 CPU = torch.device("cpu")
 

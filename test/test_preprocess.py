@@ -6,9 +6,9 @@ import pytest
 import torch
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
-from cbctseg import preprocess as P
-from cbctseg.model import load_model
-from cbctseg.phantom import PhantomSpec, make_phantom_arrays
+from cbctseg.inference import preprocess as P
+from cbctseg.model.loading import load_model
+from cbctseg.training.phantom import PhantomSpec, make_phantom_arrays
 from conftest import WEIGHTS
 
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from cbctseg.schedule import Pass, anytime_passes, flip_combinations, sliding_windows
+from cbctseg.inference.schedule import Pass, anytime_passes, flip_combinations, sliding_windows
 
 
 def test_flips_never_include_the_lateral_axis_unless_allowed():

@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cbctseg.phantom import write_raw_dataset
+from cbctseg.training.phantom import write_raw_dataset
 from conftest import REPO, run_process, write_phantom
 
 TINY = ["--configuration", "3d_fullres_torchres_tiny", "--device", "cpu", "--da-workers", "1"]

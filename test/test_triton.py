@@ -44,13 +44,14 @@ if triton_server.triton_python() is None:
         pytest.skip(f"the Triton server venv (CBCTSEG_TRITON_VENV, default .venv-triton) cannot be built: "
                     f"{_setup.stderr.strip()[-500:]}", allow_module_level=True)
 
-from cbctseg import cohort, gc_io  # noqa: E402
-from cbctseg.model import load_model  # noqa: E402
-from cbctseg.options import CaseOptions  # noqa: E402
-from cbctseg.run import predict_case  # noqa: E402
-from cbctseg.schedule import Budget  # noqa: E402
-from cbctseg.triton_backend import TritonError, TritonNetwork, remote_networks  # noqa: E402
-from cbctseg.triton_export import HASH_PARAM, export_repository, weights_hash  # noqa: E402
+from cbctseg import cohort  # noqa: E402
+from cbctseg.io import gc_io
+from cbctseg.model.loading import load_model
+from cbctseg.options import CaseOptions
+from cbctseg.run import predict_case
+from cbctseg.inference.schedule import Budget
+from cbctseg.networks.triton_backend import TritonError, TritonNetwork, remote_networks
+from cbctseg.networks.triton_export import HASH_PARAM, export_repository, weights_hash
 
 FOLDS = ["0", "1"]
 CPU = torch.device("cpu")

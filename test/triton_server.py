@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-HASH_PARAM = "cbctseg_weights_sha256"  # as cbctseg.triton_export writes it (this file runs without cbctseg)
+HASH_PARAM = "cbctseg_weights_sha256"  # as cbctseg.networks.triton_export writes it (this file runs without cbctseg)
 
 
 def triton_python() -> Path | None:

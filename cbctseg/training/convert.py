@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from ..resources import label_map
+from cbctseg.resources import label_map
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from ..resources import RESOURCES_DIR, label_map
+from cbctseg.resources import RESOURCES_DIR, label_map
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def best_cutoff(outcomes: list[ClassOutcome]) -> int:
 
 def class_outcomes(pred: np.ndarray, truth: np.ndarray, fdi: int) -> ClassOutcome:
     """Metrics of one class kept and removed, as the challenge scores them (HD95 in voxels)."""
-    from ..evaluation import dice, hd95
+    from cbctseg.evaluation.evaluate import dice, hd95
 
     p, t = pred == fdi, truth == fdi
     empty = np.zeros_like(p)

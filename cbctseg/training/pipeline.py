@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..model_manifest import MANIFEST, build_manifest, write_manifest
-from ..resources import RESOURCES_DIR
-from .convert import DatasetError, convert_dataset, find_cases
+from cbctseg.model.manifest import MANIFEST, build_manifest, write_manifest
+from cbctseg.resources import RESOURCES_DIR
+from cbctseg.training.convert import DatasetError, convert_dataset, find_cases
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import SimpleITK as sitk
 
-from . import metaimage
-from .resources import task
+from cbctseg.io import metaimage
+from cbctseg.resources import task
 
 MAX_VOXELS = 1024**3
 MIN_SIZE = 8

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .resources import LabelMap
+from cbctseg.resources import LabelMap
 
 
 def to_fdi(labels: torch.Tensor, label_map: LabelMap, cutoffs: dict[int, int] | None = None

@@ -12,7 +12,7 @@ checked before any checkpoint is unpickled, so that a damaged, incomplete or swa
 (the checkpoints say the same). Other files in the folder (provenance.json, compile_cache/) are not covered.
 The labels of dataset.json are checked against resources/labels.json here too (`check_labels`).
 
-`python -m cbctseg.model_manifest DIR` checks a folder without torch (the image build runs it on its weights).
+`python -m cbctseg.model.manifest DIR` checks a folder without torch (the image build runs it on its weights).
 """
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def _norm(name: str) -> str:
 def check_labels(dataset_json: dict, where: str) -> None:
     """dataset.json's labels are resources/labels.json's, one value per structure, in its order (names compared
     without regard to case and spacing); raises a ModelError naming the first mismatch."""
-    from .resources import label_map
+    from cbctseg.resources import label_map
 
     lm = label_map()
     if "regions_class_order" in dataset_json:
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     """Check a model folder's manifest, files and labels (no torch needed); a loud banner for demo weights."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m cbctseg.model_manifest MODEL_FOLDER", file=sys.stderr)
+        print("usage: python -m cbctseg.model.manifest MODEL_FOLDER", file=sys.stderr)
         return 2
     folder = Path(argv[0])
     try:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .device import cpu_lacks, device_tag, plans_tag, slug
-from .precision import autocast, input_dtype, layout_of
+from cbctseg.networks.device import cpu_lacks, device_tag, plans_tag, slug
+from cbctseg.networks.precision import autocast, input_dtype, layout_of
 
 log = logging.getLogger(__name__)
 

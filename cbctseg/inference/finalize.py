@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .model import Model
-from .preprocess import Preprocessed, _call_with_device
-from .stitching import CHUNK_BYTES, _slices_per_chunk
+from cbctseg.model.loading import Model
+from cbctseg.inference.preprocess import Preprocessed, _call_with_device
+from cbctseg.inference.stitching import CHUNK_BYTES, _slices_per_chunk
 
 
 @torch.inference_mode()

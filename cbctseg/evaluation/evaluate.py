@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import binary_erosion, distance_transform_edt, find_objects, generate_binary_structure
 
-from .resources import label_map
+from cbctseg.resources import label_map
 
 SUFFIX = ".mha"
 # Geometry written from the input's own header: equal up to float formatting in the .mha text header.
@@ -210,7 +210,7 @@ def _evaluate_files(name: str, pred_path: Path | None, truth_path: Path, picture
     if error:
         case["error"] = error
     if pictures_dir is not None:
-        from .pictures import render_case
+        from cbctseg.evaluation.pictures import render_case
 
         image_path = _find_image(images_dir, name)
         image = (sitk.GetArrayFromImage(sitk.ReadImage(str(image_path))) if image_path

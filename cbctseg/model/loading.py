@@ -15,9 +15,9 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from . import precision
-from .model_layout import GC_MODEL_DIR, default_model_folder, locate_model  # noqa: F401 (re-exported)
-from .model_manifest import (CHECKPOINT, DEMO_WARNING, MANIFEST, Manifest, ModelError, build_manifest,
+from cbctseg.networks import precision
+from cbctseg.model.layout import GC_MODEL_DIR, default_model_folder, locate_model
+from cbctseg.model.manifest import (CHECKPOINT, DEMO_WARNING, MANIFEST, Manifest, ModelError, build_manifest,
                              undeclared_folds, verify_folder, write_manifest)
 
 log = logging.getLogger(__name__)

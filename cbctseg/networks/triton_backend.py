@@ -23,7 +23,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from .triton_export import HASH_PARAM, VERSION, model_name, weights_hash
+from cbctseg.networks.triton_export import HASH_PARAM, VERSION, model_name, weights_hash
 
 T = TypeVar("T")
 # worth another try: the server restarting or overloaded, a deadline missed; anything else is final

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .model import CHECKPOINT, Model, ModelError, load_model
+from cbctseg.model.loading import CHECKPOINT, Model, ModelError, load_model
 
 log = logging.getLogger(__name__)
 

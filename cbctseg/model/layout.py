@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .model_manifest import CHECKPOINT, MANIFEST, ModelError
+from cbctseg.model.manifest import CHECKPOINT, MANIFEST, ModelError
 
 GC_MODEL_DIR = Path("/opt/ml/model")
 MODEL_DIR_ENV = "CBCTSEG_MODEL_DIR"  # another place for the unpacked tarball (tests, other platforms)

@@ -19,10 +19,10 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from tqdm import tqdm
 
-from .precision import autocast
-from .model import Model
-from .schedule import Budget, WorkItem, plan_work, sliding_windows
-from .stitching import Accumulator, Normaliser, StreamedLabels, is_oom
+from cbctseg.networks.precision import autocast
+from cbctseg.model.loading import Model
+from cbctseg.inference.schedule import Budget, WorkItem, plan_work, sliding_windows
+from cbctseg.inference.stitching import Accumulator, Normaliser, StreamedLabels, is_oom
 
 log = logging.getLogger(__name__)
 

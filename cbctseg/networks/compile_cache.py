@@ -2,12 +2,12 @@
 
 Compiling costs a warm-up (about 45 s cold, 17 s with the cache loaded, on an H100) and halves the time of
 a forward pass (0.131 s -> 0.065 s for the ToothFairy2 network on an H100). It pays when the case has
-enough passes to win that time back, and never on the CPU. An AOT package (cbctseg.aot_package) beside the
+enough passes to win that time back, and never on the CPU. An AOT package (cbctseg.networks.aot_package) beside the
 weights skips the warm-up altogether, and is used on any device it was built for.
 
     python process.py compile [--weights DIR] [--device cuda]         # compile, warm up, save the cache
     python process.py compile --aot [--weights DIR] [--device cuda]   # build an AOT package
-(or python -m cbctseg.compile_cache with the same arguments)
+(or python -m cbctseg.networks.compile_cache with the same arguments)
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from . import aot_package, lean_forward
-from .device import device_tag, plans_tag, slug
-from .precision import autocast, input_dtype
+from cbctseg.networks import aot_package, lean_forward
+from cbctseg.networks.device import device_tag, plans_tag, slug
+from cbctseg.networks.precision import autocast, input_dtype
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def measure_eager_pass(net: torch.nn.Module, patch: tuple[int, ...], device: tor
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent.parent / "weights",
+    p.add_argument("--weights", type=Path, default=Path(__file__).resolve().parents[2] / "weights",
                    help="the model folder; what is built goes to its compile_cache/")
     p.add_argument("--device", default="cuda", help="the device to build for (cuda, cuda:N, or cpu)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass, as the predictor will run")
@@ -204,7 +204,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(a: argparse.Namespace) -> int:
     """Build what the arguments ask for; prints one summary line."""
-    from .model import ModelError, load_model
+    from cbctseg.model.loading import ModelError, load_model
 
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -15,7 +15,7 @@ from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
-from .model import Model
+from cbctseg.model.loading import Model
 
 
 @dataclass

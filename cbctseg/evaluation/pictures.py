@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .resources import label_map
+from cbctseg.resources import label_map
 
 DPI = 100
 PANEL_PX, ROW_LABEL_PX, LEGEND_PX, TITLE_PX = 400, 30, 570, 40

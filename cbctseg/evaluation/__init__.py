@@ -1,0 +1,1 @@
+"""Scoring predictions as the challenge does, and pictures of them."""

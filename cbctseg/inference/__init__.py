@@ -1,0 +1,1 @@
+"""One case's path: preprocess, windows and schedule, sliding window, stitching, finalize, post-process."""

@@ -1,0 +1,1 @@
+"""The model folder: where it sits, its manifest and checks, and loading its networks."""

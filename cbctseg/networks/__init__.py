@@ -1,0 +1,1 @@
+"""How a network runs on a device: precision, the lean eager pass, compiled, Triton."""
