@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from cbctseg.io import gc_io
 from cbctseg.model.loading import Model, ModelError, default_model_folder, load_model
-from cbctseg.options import CaseOptions, positive_int, step_size
+from cbctseg.options import ACCUMULATIONS, CaseOptions, positive_int, step_size
 from cbctseg.resources import label_map, task
 from cbctseg.inference.schedule import Budget
 from cbctseg.networks.triton_backend import TritonError, add_backend_arguments, use_backend
@@ -130,7 +130,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=positive_int, default=2, help="cases in flight")
     p.add_argument("--step-size", type=step_size, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--no-mirroring", action="store_true", help="skip test-time mirroring (4x fewer passes)")
-    p.add_argument("--accumulate", default="auto", choices=["auto", "device", "cpu", "streamed"])
+    p.add_argument("--accumulate", default="auto", choices=ACCUMULATIONS)
     p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass")
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds per case (0: no limit)")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output exists (default: skip them)")
