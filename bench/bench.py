@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import inspect
 import json
 import os
 import platform
@@ -120,14 +119,13 @@ def phantom(shape: tuple[int, int, int], spacing: float, seed: int = 0) -> np.nd
     return np.round(image).astype(np.int16).astype(np.float32)
 
 
-def expected_passes(patch: tuple[int, ...], n_models: int, mirror_axes: tuple[int, ...], shape: tuple[int, ...],
-                    step: float) -> tuple[int, int]:
-    """(windows, forward passes) for a case of this network-space shape."""
-    from cbctseg.inference.schedule import flip_combinations, sliding_windows
+def expected_forwards(patch: tuple[int, ...], n_folds: int, mirror_axes: tuple[int, ...], shape: tuple[int, ...],
+                      step: float) -> tuple[int, int]:
+    """(windows, window forwards) for a case of this network-space shape."""
+    from cbctseg.inference.schedule import plan_case
 
-    padded = tuple(max(s, p) for s, p in zip(shape, patch))
-    windows = len(sliding_windows(padded, tuple(patch), step))
-    return windows, windows * n_models * len(flip_combinations(tuple(mirror_axes)))
+    plan = plan_case(tuple(shape), tuple(patch), step, n_folds, tuple(mirror_axes), True)
+    return len(plan.windows), len(plan.items)
 
 
 def _checkpoint(weights: Path, fold: str) -> dict:
@@ -159,24 +157,14 @@ def load_ours(weights: Path, folds: list[str], device: torch.device):
     return load_model(weights, folds, device)
 
 
-def _engine_predict(model, data, step: float, accumulation, batch_size: int):
-    """cbctseg.inference.predictor's sliding window, called with the keyword arguments its signature has."""
-    from cbctseg.inference import predictor as P
-
-    fn = getattr(P, "predict", None) or P.predict_logits
-    kw = {"step_size": step, "use_mirroring": True, "accumulation": accumulation, "accumulate_on": accumulation,
-          "budget": None, "batch_size": batch_size, "progress": False}
-    params = inspect.signature(fn).parameters
-    return fn(model, data, **{k: v for k, v in kw.items() if k in params})
-
-
-def run_ours(model, image: np.ndarray, spacing: list[float], device: torch.device,
+def run_ours(model, backend, image: np.ndarray, spacing: list[float], device: torch.device,
              args) -> tuple[np.ndarray, dict, dict]:
     """Image array in, label map (contiguous labels, CPU) out; seconds per stage and what the engine chose."""
     from cbctseg.inference.finalize import finalize
     from cbctseg.inference.postprocess import to_fdi
     from cbctseg.inference.preprocess import preprocess
     from cbctseg.resources import cutoffs, label_map
+    from cbctseg.inference.predictor import predict
     from cbctseg.run import choose_accumulation
 
     t = {}
@@ -188,7 +176,8 @@ def run_ours(model, image: np.ndarray, spacing: list[float], device: torch.devic
     resampled = tuple(pre.data.shape[1:]) != tuple(pre.shape_after_cropping)
     accumulation = choose_accumulation(model, tuple(pre.data.shape[1:]), resampled, device, args.accumulate,
                                        args.batch_size)
-    result, is_labels, report = _engine_predict(model, pre.data, args.step, accumulation, args.batch_size)
+    result, is_labels, report = predict(model, backend, pre.data, args.step, True, accumulation, None,
+                                        args.batch_size, progress=False)
     sync(device)
     t2 = time.perf_counter()
     labels = finalize(result, pre, model, device, is_labels)
@@ -290,7 +279,7 @@ def bench_shape(shape, image: np.ndarray, ours, nnunet, weights: Path, device: t
 
     spacing = [args.spacing] * 3
     m = ours["model"]
-    windows, passes = expected_passes(m.patch_size, len(m.folds), m.mirror_axes, shape, args.step)
+    windows, passes = expected_forwards(m.patch_size, len(m.folds), m.mirror_axes, shape, args.step)
     case = {"shape": list(shape), "name": shape_name(shape), "windows": windows, "passes": passes}
     labels, ref_logits = {}, None
     for engine in args.engines:
@@ -303,7 +292,8 @@ def bench_shape(shape, image: np.ndarray, ours, nnunet, weights: Path, device: t
                 net.to(device)
             # as process.py runs them: eager networks run lean; aot: the package the run built beside the weights
             force = {"auto": None, "off": False}.get(args.compile, True)
-            nets, decision = maybe_compile(ours["eager"], device, weights, passes, BUDGET_S, force=force)
+            backend = maybe_compile(ours["eager"], device, weights, passes, BUDGET_S, force=force)
+            decision = backend.describe()
             if args.compile == "aot" and decision.get("kind") != "aot":
                 if not args.aot_fallback:
                     raise RuntimeError(f"--compile aot, but the package was not used: {decision}")
@@ -312,12 +302,11 @@ def bench_shape(shape, image: np.ndarray, ours, nnunet, weights: Path, device: t
             if decision["compile"] and decision.get("kind") != "aot":
                 # one compiled wrapper per network for the whole run: a new wrapper per shape would compile
                 # again inside the timed run of a shape that gets no warm-up of its own
-                nets = ours.setdefault("compiled", nets)
-            model.networks = nets
-            run = lambda img=image, m=model: run_ours(m, img, spacing, device, args)  # noqa: E731
+                backend = ours.setdefault("compiled", backend)
+            run = lambda img=image, m=model, b=backend: run_ours(m, b, img, spacing, device, args)  # noqa: E731
         else:
             # package runners hold the parameters they were bound to: drop them, or the GPU keeps our weights
-            ours["model"].networks = ours["eager"]
+            backend = run = None
             for net in ours["eager"]:
                 net.to("cpu")
             run = lambda img=image: run_nnunet(nnunet["predictor"], img, spacing, device)  # noqa: E731
@@ -547,7 +536,7 @@ def run_bench(args) -> dict:
         print(f"compile cache: {result['compile_cache']}", flush=True)
     if args.cold_repeats > 0:
         largest = max(shapes, key=lambda s: int(np.prod(s)))
-        _, passes = expected_passes(*model_geometry(weights, args.folds), largest, args.step)
+        _, passes = expected_forwards(*model_geometry(weights, args.folds), largest, args.step)
         runs = [(e, args.compile if e == "ours" else "off") for e in args.engines]
         if "ours" in args.engines and args.compile != "off":
             runs.insert(1, ("ours", "off"))  # the eager path too: one case without a compile cache takes it

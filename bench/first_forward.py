@@ -45,9 +45,10 @@ def main() -> int:
             torch.backends.cudnn.benchmark = True
         model = load_model(a.weights, a.folds, device)
         force = {"on": True, "off": False, "auto": None, "aot": True}[a.compile]
-        networks, out["compile"] = maybe_compile(model.networks, device, a.weights, a.passes, a.budget, force=force,
-                                                 aot=a.compile in ("aot", "auto"))
-        net, patch, dtype = networks[0], model.patch_size, model.input_dtype
+        backend = maybe_compile(model.networks, device, a.weights, a.passes, a.budget, force=force,
+                                aot=a.compile in ("aot", "auto"))
+        out["compile"] = backend.describe()
+        net, patch, dtype = backend.networks[0], model.patch_size, model.input_dtype
     else:
         os.environ.setdefault("nnUNet_extTrainer", str(REPO / "cbctseg" / "training" / "nnunet_trainers"))
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor

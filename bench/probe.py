@@ -334,10 +334,9 @@ def main() -> int:
 
         def engine():
             model = load_ours(weights, ["0", "1"], dev)
-            if a.compile != "off":
-                model.networks, decision = maybe_compile(model.networks, dev, weights, 216, None, force=True,
-                                                         aot=a.compile == "aot")
-                note("engine_compile", decision)
+            backend = maybe_compile(model.networks, dev, weights, 216, None, force=a.compile != "off",
+                                    aot=a.compile == "aot")
+            note("engine_compile", backend.describe())
             t = time.perf_counter()
             img = phantom(largest, 0.3)
             note("phantom_largest_s", round(time.perf_counter() - t, 1))
@@ -346,10 +345,10 @@ def main() -> int:
                     break
                 args = argparse.Namespace(step=0.5, accumulate=acc, batch_size=1)
                 t = time.perf_counter()
-                run_ours(model, img, [0.3] * 3, dev, args)
+                run_ours(model, backend, img, [0.3] * 3, dev, args)
                 note(f"ours_largest_{acc}_first_run_s", round(time.perf_counter() - t, 1))
                 reset_peak(dev)
-                _, seconds, info = run_ours(model, img, [0.3] * 3, dev, args)
+                _, seconds, info = run_ours(model, backend, img, [0.3] * 3, dev, args)
                 note(f"ours_largest_{acc}", {**{k: round(v, 2) for k, v in seconds.items()}, **peak_gb(dev),
                                              "s_per_pass": info["seconds_per_pass"]})
         attempt("engine", engine)
@@ -360,7 +359,10 @@ def main() -> int:
             model = load_ours(weights, ["0", "1"], dev)
             img = phantom(median, 0.3)
             args = argparse.Namespace(step=0.5, accumulate="device", batch_size=1)
-            ours, s_ours, _ = run_ours(model, img, [0.3] * 3, dev, args)
+            from cbctseg.networks.compile_cache import maybe_compile
+
+            backend = maybe_compile(model.networks, dev, weights, 0, None, force=False, aot=False)
+            ours, s_ours, _ = run_ours(model, backend, img, [0.3] * 3, dev, args)
             note("ours_median", {k: round(v, 2) for k, v in s_ours.items()})
             for n in model.networks:
                 n.to("cpu")

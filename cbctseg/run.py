@@ -6,7 +6,6 @@ import json
 import logging
 import signal
 import sys
-import threading
 import time
 import traceback
 from dataclasses import asdict
@@ -24,10 +23,11 @@ from cbctseg.inference.postprocess import to_fdi
 from cbctseg.inference.predictor import Accumulation, predict
 from cbctseg.inference.preprocess import preprocess
 from cbctseg.resources import cutoffs, label_map, task
+from cbctseg.networks.backend import Backend, BackendSlot
 from cbctseg.networks.compile_cache import maybe_compile
-from cbctseg.inference.schedule import Budget, anytime_passes, sliding_windows
+from cbctseg.inference.schedule import Budget, plan_case
 from cbctseg.termination import Terminated, raising_on_signals
-from cbctseg.networks.triton_backend import TritonError, use_backend
+from cbctseg.networks.triton_backend import TritonError, triton_backend
 
 log = logging.getLogger("cbctseg")
 
@@ -48,8 +48,6 @@ PROCESS_START = time.monotonic() - _process_age_s()
 APP_DIR = Path(__file__).resolve().parent.parent
 # reading, finalizing and writing after the last window, and start-up before the first
 DEFAULT_MARGIN_S = 60.0
-# cohort mode runs predict_case in several threads on one model: its networks are replaced once, by one of them
-_COMPILE_LOCK = threading.Lock()
 
 
 def forward_bytes(model: Model, batch_size: int = 1) -> int:
@@ -88,9 +86,21 @@ def finalize_reserve_s(voxels: int, num_classes: int, device: torch.device) -> f
     return 2.0 + voxels * num_classes * per_voxel_class + voxels * 5e-8
 
 
-def predict_case(case: gc_io.Case, model: Model, device: torch.device, options: CaseOptions,
+def choose_backend(model: Model, device: torch.device, options: CaseOptions, forwards: int,
+                   budget: Budget) -> Backend:
+    """How the model's networks run here: compiled when that pays for a case of `forwards` window forwards
+    (`compile_cache.maybe_compile`), else eager."""
+    force = {"auto": None, "on": True, "off": False}[options.compile]
+    return maybe_compile(model.networks, device, model.folder, forwards, budget.left(), force=force,
+                         batch_size=options.batch_size, patch=model.patch_size)
+
+
+def predict_case(case: gc_io.Case, model: Model, backend: BackendSlot, device: torch.device, options: CaseOptions,
                  budget: Budget) -> dict:
-    """Segment one case and write its label map; returns the case report (raises on failure)."""
+    """Segment one case and write its label map; returns the case report (raises on failure).
+
+    `backend`: how the model's networks run, shared by the run's cases; the first case that finds it empty
+    chooses it (`choose_backend`)."""
     t: dict[str, float] = {}
     t0 = time.monotonic()
     if device.type == "cuda":
@@ -106,19 +116,17 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, options: 
                                        options.accumulate, options.batch_size)
     if accumulation == Accumulation.STREAMED and needs_resampling:
         raise ValueError("--accumulate streamed needs a case at the plans' spacing (no resampling)")
-    with _COMPILE_LOCK:
-        if model.compile_decision is None:
-            padded = tuple(max(s, q) for s, q in zip(pre.data.shape[1:], model.patch_size))
-            passes = len(sliding_windows(padded, model.patch_size, options.step_size)) * len(
-                anytime_passes(len(model.networks), model.mirror_axes, options.mirroring))
-            force = {"auto": None, "on": True, "off": False}[options.compile]
-            t1 = time.monotonic()
-            model.networks, model.compile_decision = maybe_compile(
-                model.networks, device, model.folder, passes, budget.left(), force=force,
-                batch_size=options.batch_size, patch=model.patch_size)
-            t["compile"] = time.monotonic() - t1  # loading a package; torch.compile's warm-up falls in the first pass
+    if backend.chosen is None:
+        forwards = len(plan_case(tuple(pre.data.shape[1:]), model.patch_size, options.step_size, len(model.folds),
+                                 model.mirror_axes, options.mirroring).items)
+        t1 = time.monotonic()
+        networks = backend.get(lambda: choose_backend(model, device, options, forwards, budget))
+        t["compile"] = time.monotonic() - t1  # loading a package; torch.compile's warm-up falls in the first pass
+    else:
+        networks = backend.chosen
     t1 = time.monotonic()
-    result, is_labels, pred_report = predict(model, pre.data, options.step_size, options.mirroring, accumulation,
+    result, is_labels, pred_report = predict(model, networks, pre.data, options.step_size, options.mirroring,
+                                             accumulation,
                                              budget, options.batch_size, progress=options.progress,
                                              in_flight=options.in_flight)
     t["sliding_window"] = time.monotonic() - t1
@@ -142,7 +150,7 @@ def predict_case(case: gc_io.Case, model: Model, device: torch.device, options: 
         "shape_zyx": list(vol.array.shape), "spacing_xyz": list(vol.spacing),
         "network_input_shape": list(pre.data.shape[1:]), "device": describe(device),
         "seconds": {k: round(v, 3) for k, v in t.items()}, "prediction": asdict(pred_report),
-        "compile": model.compile_decision, "structures_present": present, "removed_by_cutoffs": removed, "peak_gpu_memory_gb": peak_memory_gb(device),
+        "compile": networks.describe(), "structures_present": present, "removed_by_cutoffs": removed, "peak_gpu_memory_gb": peak_memory_gb(device),
     }
 
 
@@ -299,7 +307,7 @@ def _predict_cases(args: argparse.Namespace, run: RunRecord) -> int:
         on_triton = getattr(args, "backend", "local") == "triton"
         model = load_model(weights, args.folds, torch.device("cpu") if on_triton else device,
                            expected_classes=label_map().num_classes)
-        use_backend(model, args, weights)
+        backend = BackendSlot(triton_backend(args, weights, model.folds))
         log.info("model loaded in %.1f s", time.monotonic() - t0)
     except (ModelError, TritonError) as e:
         return _start_error(run, f"cannot load the model: {e}")
@@ -311,7 +319,7 @@ def _predict_cases(args: argparse.Namespace, run: RunRecord) -> int:
         budget = Budget(start + budget_s if budget_s > 0 else None)
         run.current, run.current_output_before = case, _file_id(case.output_path)
         try:
-            report = predict_case(case, model, device, options, budget)
+            report = predict_case(case, model, backend, device, options, budget)
         except gc_io.InputError as e:
             report = {"case": case.name, "status": "failed", "error": str(e)}
         except Exception as e:  # one bad case must not stop the others

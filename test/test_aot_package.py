@@ -112,8 +112,9 @@ def test_a_damaged_package_warns_and_prediction_goes_on(packaged, tmp_path, capl
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
     model = load_model(folder)
     with caplog.at_level(logging.WARNING):
-        nets, decision = maybe_compile(model.networks, CPU, folder, 64, None)
-    assert [n.net for n in nets] == model.networks and decision["compile"] is False  # eager (and lean)
+        backend = maybe_compile(model.networks, CPU, folder, 64, None)
+    # eager (and lean)
+    assert tuple(n.net for n in backend.networks) == model.networks and backend.describe()["compile"] is False
     assert "AOT package" in caplog.text and "not used" in caplog.text
 
 

@@ -11,6 +11,7 @@ import torch
 from cbctseg.io import gc_io
 from cbctseg.inference.finalize import finalize
 from cbctseg.model.loading import load_model
+from cbctseg.networks.backend import BackendSlot, LocalBackend
 from cbctseg.training.phantom import PhantomSpec, make_phantom_arrays
 from cbctseg.inference.predictor import Accumulation, predict
 from cbctseg.inference.preprocess import preprocess
@@ -54,9 +55,9 @@ class FakeClock:
 
 
 def _model(folds=("0", "1"), **wrap):
+    """The model and a backend whose networks are Recorders around the model's own."""
     model = load_model(WEIGHTS, list(folds), CPU)
-    model.networks = [Recorder(n, **wrap) for n in model.networks]
-    return model
+    return model, LocalBackend([Recorder(n, **wrap) for n in model.networks], CPU, {"kind": "recorded"})
 
 
 def _data(model, shape, seed=2):
@@ -66,12 +67,12 @@ def _data(model, shape, seed=2):
 
 def test_slow_network_and_short_budget_end_in_time_with_a_complete_label_map(tmp_path, weights):
     image, _ = write_phantom(tmp_path / "in" / "slow.mha", shape=(40, 64, 64), seed=1)
-    model = _model(sleep_s=1.0)
+    model, backend = _model(sleep_s=1.0)
     case = gc_io.Case("slow.mha", tmp_path / "in" / "slow.mha", tmp_path / "out" / "slow.mha")
     args = CaseOptions()
     start = time.monotonic()
     budget_s = 6.0
-    report = predict_case(case, model, CPU, args, Budget(start + budget_s))
+    report = predict_case(case, model, BackendSlot(backend), CPU, args, Budget(start + budget_s))
     elapsed = time.monotonic() - start
     assert elapsed < budget_s, elapsed
     pred = report["prediction"]
@@ -86,22 +87,23 @@ def test_partial_ensemble_is_the_weighted_average_of_the_items_done(weights):
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
     clock = FakeClock()
-    model = _model(clock=clock)
+    model, backend = _model(clock=clock)
     pre = _data(model, (56, 96, 96))
     windows = sliding_windows(tuple(pre.data.shape[1:]), model.patch_size, 0.5)
     assert len(windows) == 8
     # 8 windows per pass; the fake clock ticks 1 s per window: room for the first pass and 3 more windows
     budget = Budget(clock.t + 11.5, clock=clock)
-    logits, is_labels, report = predict(model, pre.data, 0.5, True, Accumulation.DEVICE, budget, progress=False)
+    logits, is_labels, report = predict(model, backend, pre.data, 0.5, True, Accumulation.DEVICE, budget,
+                                          progress=False)
     assert not is_labels and report.items_done == 11 and report.items_planned == 64
     items = plan_work(2, model.mirror_axes, True, windows)[:11]
     # the weights as the engine uses them (fp16, as nnU-Net), summed exactly here
     g = compute_gaussian(model.patch_size, 1.0 / 8, 10, device=CPU).double()
     num = torch.zeros((model.num_classes, *pre.data.shape[1:]), dtype=torch.float64)
     den = torch.zeros(pre.data.shape[1:], dtype=torch.float64)
-    calls = {0: iter(model.networks[0].outputs), 1: iter(model.networks[1].outputs)}
+    calls = {0: iter(backend.networks[0].outputs), 1: iter(backend.networks[1].outputs)}
     for it in items:
-        out = next(calls[it.model])[0].double()
+        out = next(calls[it.fold])[0].double()
         out = torch.flip(out, [a + 1 for a in it.flip]) if it.flip else out
         num[(slice(None), *it.window)] += out * g
         den[it.window] += g
@@ -116,11 +118,12 @@ def test_partial_ensemble_is_the_weighted_average_of_the_items_done(weights):
 
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_streamed_device_and_cpu_accumulation_give_the_same_labels(weights, batch_size):
-    model = _model(folds=("0",))
+    model, backend = _model(folds=("0",))
     pre = _data(model, (56, 96, 96), seed=4)
     labels = {}
     for mode in Accumulation:
-        result, is_labels, report = predict(model, pre.data, 0.5, True, mode, None, batch_size, progress=False)
+        result, is_labels, report = predict(model, backend, pre.data, 0.5, True, mode, None, batch_size,
+                                            progress=False)
         assert is_labels == (mode == Accumulation.STREAMED) and report.items_done == 32
         labels[mode] = finalize(result, pre, model, CPU, is_labels).numpy()
     ref = labels[Accumulation.DEVICE]
@@ -132,12 +135,12 @@ def test_streamed_device_and_cpu_accumulation_give_the_same_labels(weights, batc
 
 
 def test_out_of_memory_mid_case_loses_no_finished_work(weights):
-    ref_model = _model(folds=("0",))
+    ref_model, ref_backend = _model(folds=("0",))
     pre = _data(ref_model, (56, 96, 96), seed=6)
-    ref, _, _ = predict(ref_model, pre.data, 0.5, False, Accumulation.DEVICE, None, 1, progress=False)
-    model = _model(folds=("0",), oom_on_call=3)
-    out, _, report = predict(model, pre.data, 0.5, False, Accumulation.DEVICE, None, 2, progress=False)
-    net = model.networks[0]
+    ref, _, _ = predict(ref_model, ref_backend, pre.data, 0.5, False, Accumulation.DEVICE, None, 1, progress=False)
+    model, backend = _model(folds=("0",), oom_on_call=3)
+    out, _, report = predict(model, backend, pre.data, 0.5, False, Accumulation.DEVICE, None, 2, progress=False)
+    net = backend.networks[0]
     # batches of 2: two batches done, the third fails, then batch size 1 for the 4 windows left
     assert net.windows_seen == 8 and net.calls == 2 + 1 + 4
     assert report.items_done == 8 and report.batch_size == 1 and any("out of memory" in e for e in report.events)

@@ -14,35 +14,35 @@ def test_never_on_the_cpu():
     assert d["compile"] is False and "CPU" in d["reason"]
 
 
-@pytest.mark.parametrize("passes, cache", [(64, False), (216, False), (64, True), (216, True)])
-def test_on_an_h100_one_case_never_wins_back_the_warm_up(passes, cache):
-    # 216 passes save 216 x 0.066 = 14.3 s: less than 45 s cold, and less than 17 s even with the cache
-    assert decide("cuda", passes, None, cache).get("compile") is False
+@pytest.mark.parametrize("forwards, cache", [(64, False), (216, False), (64, True), (216, True)])
+def test_on_an_h100_one_case_never_wins_back_the_warm_up(forwards, cache):
+    # 216 forwards save 216 x 0.066 = 14.3 s: less than 45 s cold, and less than 17 s even with the cache
+    assert decide("cuda", forwards, None, cache).get("compile") is False
 
 
 def test_compiles_when_the_saving_exceeds_the_warm_up():
-    # 0.066 s saved per pass: 700 passes save 46 s > 45 s cold; 300 passes save 19.8 s > 17 s with the cache
+    # 0.066 s saved per forward: 700 forwards save 46 s > 45 s cold; 300 forwards save 19.8 s > 17 s with the cache
     assert decide("cuda", 700, None, False)["compile"] is True
     assert decide("cuda", 300, None, False)["compile"] is False
     assert decide("cuda", 300, None, True)["compile"] is True
 
 
 def test_a_measured_slow_gpu_scales_the_saving():
-    # a T4-like 1.0 s per eager pass: the compiled pass is 1.0 x 0.065 / 0.131 = 0.50 s, 216 passes save 109 s
-    d = decide("cuda", 216, None, False, eager_s_per_pass=1.0)
+    # a T4-like 1.0 s per eager forward: the compiled forward is 1.0 x 0.065 / 0.131 = 0.50 s, 216 forwards save 109 s
+    d = decide("cuda", 216, None, False, eager_s_per_forward=1.0)
     assert d["compile"] is True
-    assert d["compiled_s_per_pass"] == pytest.approx(0.4962, abs=1e-3)
+    assert d["compiled_s_per_forward"] == pytest.approx(0.4962, abs=1e-3)
     assert d["eager_total_s"] == pytest.approx(216.0)
 
 
 def test_budget_too_short_for_the_warm_up_stays_eager():
-    # in 30 s eager does 30 passes; compiled would still be warming up
-    assert decide("cuda", 216, 30.0, False, eager_s_per_pass=1.0)["compile"] is False
+    # in 30 s eager does 30 forwards; compiled would still be warming up
+    assert decide("cuda", 216, 30.0, False, eager_s_per_forward=1.0)["compile"] is False
 
 
 def test_budget_that_holds_only_the_compiled_run_compiles():
     # eager needs 216 s, compiled 45 + 107 = 152 s: within 200 s only compiling finishes
-    d = decide("cuda", 216, 200.0, False, eager_s_per_pass=1.0)
+    d = decide("cuda", 216, 200.0, False, eager_s_per_forward=1.0)
     assert d["compile"] is True and "within 200 s" in d["reason"]
 
 
@@ -68,8 +68,8 @@ def test_cache_path_names_device_torch_and_plans(tmp_path):
 
 def test_maybe_compile_leaves_cpu_networks_alone(tmp_path):
     nets = [torch.nn.Conv3d(1, 2, 1)]
-    out, d = maybe_compile(nets, torch.device("cpu"), tmp_path, 10_000, None)
-    assert out == nets and d["compile"] is False  # the same modules (a plain Conv3d is not a U-Net to run lean)
+    backend = maybe_compile(nets, torch.device("cpu"), tmp_path, 10_000, None)
+    assert list(backend.networks) == nets and backend.describe()["compile"] is False  # the same modules (a plain Conv3d is not a U-Net to run lean)
 
 
 def test_without_a_c_compiler_a_gpu_stays_eager_instead_of_failing_mid_case(tmp_path, monkeypatch):
@@ -77,5 +77,6 @@ def test_without_a_c_compiler_a_gpu_stays_eager_instead_of_failing_mid_case(tmp_
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
     nets = [torch.nn.Conv3d(1, 2, 1)]
-    out, d = maybe_compile(nets, torch.device("cuda"), tmp_path, 10_000, None, force=True)
-    assert out == nets and d["compile"] is False and "C compiler" in d["reason"]
+    backend = maybe_compile(nets, torch.device("cuda"), tmp_path, 10_000, None, force=True)
+    d = backend.describe()
+    assert list(backend.networks) == nets and d["compile"] is False and "C compiler" in d["reason"]

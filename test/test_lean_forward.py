@@ -81,6 +81,6 @@ def test_other_networks_run_as_they_are():
 
 def test_eager_networks_are_run_lean_and_compiled_ones_are_not(weights):
     model = load_model(weights)
-    nets, decision = maybe_compile(model.networks, CPU, weights, 64, None)
-    assert decision["compile"] is False
-    assert all(isinstance(n, lean_forward.LeanUNet) and n.net is m for n, m in zip(nets, model.networks))
+    backend = maybe_compile(model.networks, CPU, weights, 64, None)
+    assert backend.describe()["compile"] is False
+    assert all(isinstance(n, lean_forward.LeanUNet) and n.net is m for n, m in zip(backend.networks, model.networks))

@@ -94,7 +94,7 @@ def all_passes(model_folder: Path, tmp_path: Path, normalised: bool = True):
             for p in passes:
                 dims = [a + 2 for a in p.flip]
                 x = data[(slice(None), *window)][None]
-                y = model.networks[p.model](torch.flip(x, dims) if dims else x)[0]
+                y = model.networks[p.fold](torch.flip(x, dims) if dims else x)[0]
                 acc.add(window, y, gaussian, p.flip)
                 num[(slice(None), *window)] += (torch.flip(y, [d - 1 for d in dims]) if dims else y) * gaussian
                 den[window] += gaussian

@@ -50,7 +50,8 @@ from cbctseg.model.loading import load_model
 from cbctseg.options import CaseOptions
 from cbctseg.run import predict_case
 from cbctseg.inference.schedule import Budget
-from cbctseg.networks.triton_backend import TritonError, TritonNetwork, remote_networks
+from cbctseg.networks.backend import BackendSlot, LocalBackend
+from cbctseg.networks.triton_backend import TritonBackend, TritonError, TritonNetwork, remote_networks
 from cbctseg.networks.triton_export import HASH_PARAM, export_repository, weights_hash
 
 FOLDS = ["0", "1"]
@@ -103,9 +104,9 @@ def local_reference(tmp_path_factory, weights):
     write_phantom(root / "in" / "case.mha", shape=(56, 96, 96), seed=3)
     case = gc_io.Case("case.mha", root / "in" / "case.mha", root / "out" / OUT_DIR / "case.mha")
     model = load_model(weights, FOLDS, CPU)
-    model.networks = [Fp16Transport(n) for n in model.networks]
+    backend = LocalBackend([Fp16Transport(n) for n in model.networks], CPU, {"kind": "fp16 transport"})
     t0 = time.monotonic()
-    predict_case(case, model, CPU, engine_args(), Budget(None))
+    predict_case(case, model, BackendSlot(backend), CPU, engine_args(), Budget(None))
     print(f"local backend: {time.monotonic() - t0:.1f} s")
     return case.path, sitk.GetArrayFromImage(sitk.ReadImage(str(case.output_path)))
 
@@ -149,10 +150,10 @@ def test_torchscript_export(tmp_path, weights):
 def test_triton_backend_gives_the_labels_of_the_local_backend(server, local_reference, tmp_path, weights):
     image, ref = local_reference
     model = load_model(weights, FOLDS, CPU)
-    model.networks = remote_networks(server, weights, model.folds)
+    backend = TritonBackend(remote_networks(server, weights, model.folds), server)
     case = gc_io.Case("case.mha", image, tmp_path / "case.mha")
     t0 = time.monotonic()
-    report = predict_case(case, model, CPU, engine_args(), Budget(None))
+    report = predict_case(case, model, BackendSlot(backend), CPU, engine_args(), Budget(None))
     print(f"Triton backend: {time.monotonic() - t0:.1f} s, {report['prediction']['items_done']} windows")
     ours = _labels(case.output_path)
     agreement = float((ours == ref).mean())
@@ -252,10 +253,10 @@ def test_server_errors_mid_case_leave_no_partial_output(repository, tmp_path, we
     write_phantom(tmp_path / "in" / "b.mha", shape=(40, 64, 64), seed=6)
     with triton_server.serve(repository[0], fail_after=2) as url:  # each model answers twice, then fails
         model = load_model(weights, FOLDS, CPU)
-        model.networks = remote_networks(url, weights, model.folds, retries=1)
+        backend = TritonBackend(remote_networks(url, weights, model.folds, retries=1), url)
         case = gc_io.Case("a.mha", tmp_path / "in" / "a.mha", tmp_path / "out1" / "a.mha")
         with pytest.raises(TritonError, match="inference failed: .* RuntimeError: injected failure"):
-            predict_case(case, model, CPU, engine_args(batch_size=1), Budget(None))
+            predict_case(case, model, BackendSlot(backend), CPU, engine_args(batch_size=1), Budget(None))
         assert not (tmp_path / "out1").exists() or not any((tmp_path / "out1").iterdir())
         rc = _cohort("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2"), "--weights", str(weights),
                      "--folds", *FOLDS, "--no-mirroring", "--backend", "triton", "--triton-url", url,

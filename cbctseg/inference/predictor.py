@@ -1,7 +1,8 @@
-"""Sliding-window prediction: runs a case's work items (windows x folds x flips) on the device under the time budget.
+"""Sliding-window prediction: runs a case's work items (windows x folds x flips, `schedule.plan_case`) on a
+backend under the time budget.
 
-Items go in batches of one network and flip; the budget skips optional items it cannot afford, networks with
-`submit` (Triton) get the next batches ahead of time, and each batch's logits are added to the sums
+Items go in batches of one pass; the budget skips optional items it cannot afford, a backend that takes requests
+ahead of time (Triton) gets the next batches early, and each batch's logits are added to the sums
 (`stitching`), which live in one of three places (`Accumulation`): the same device, the CPU, or *streamed*:
 on the device but only for the band of slices the current windows touch, finishing (argmax) and freeing
 every band no later window touches. Since any subset of the work is a correct weighted average, the budget
@@ -19,9 +20,9 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from tqdm import tqdm
 
-from cbctseg.networks.precision import autocast
+from cbctseg.inference.schedule import Budget, WorkItem, plan_case
 from cbctseg.model.loading import Model
-from cbctseg.inference.schedule import Budget, WorkItem, plan_work, sliding_windows
+from cbctseg.networks.backend import Backend
 from cbctseg.inference.stitching import Accumulator, Normaliser, StreamedLabels, is_oom
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,7 @@ def _next_batches(items: list[WorkItem], i: int, batch_size: int, n: int) -> lis
     batches: list[tuple[int, ...]] = []
     while i < len(items) and len(batches) < n:
         b = [i]
-        while (len(b) < batch_size and b[-1] + 1 < len(items) and items[b[-1] + 1].model == items[i].model
-               and items[b[-1] + 1].flip == items[i].flip):
+        while len(b) < batch_size and b[-1] + 1 < len(items) and items[b[-1] + 1].same_pass(items[i]):
             b.append(b[-1] + 1)
         batches.append(tuple(b))
         i = b[-1] + 1
@@ -77,20 +77,20 @@ def _next_batches(items: list[WorkItem], i: int, batch_size: int, n: int) -> lis
 
 
 def _pass_name(model: Model, item: WorkItem) -> str:
-    return f"fold {model.folds[item.model]}" + (f" flip {list(item.flip)}" if item.flip else "")
+    return f"fold {model.folds[item.fold]}" + (f" flip {list(item.flip)}" if item.flip else "")
 
 
 @torch.inference_mode()
-def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirroring: bool = True,
+def predict(model: Model, backend: Backend, data: torch.Tensor, step_size: float = 0.5, use_mirroring: bool = True,
             accumulation: Accumulation = Accumulation.DEVICE, budget: Budget | None = None,
             batch_size: int = 1, progress: bool = True, in_flight: int = 1, sync_every: int = 8
             ) -> tuple[torch.Tensor, bool, PredictionReport]:
-    """Run the ensemble's sliding window over data (1, z, y, x) on its device.
+    """Run the model's folds (on `backend`) over data (1, z, y, x), window by window, on data's device.
 
     sync_every: items between waits for the device (each wait times the work so far, for the budget).
 
-    in_flight > 1: networks with `submit` (Triton) get the next batches ahead of time, so that many
-    requests are on the server while this loop stitches.
+    in_flight > 1: a backend that takes requests ahead of time (Triton) gets the next batches early, so that
+    many requests are on the server while this loop stitches.
 
     Returns (result, is_labels, report): averaged logits (C, z, y, x), or, when streamed, the uint8
     argmax (z, y, x) on the CPU. Raises stitching.NonFiniteLogits when the averaged logits hold NaN or infinity.
@@ -99,15 +99,16 @@ def predict(model: Model, data: torch.Tensor, step_size: float = 0.5, use_mirror
     budget = budget or Budget(None)
     patch = model.patch_size
     padded, revert = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
-    windows = sliding_windows(tuple(padded.shape[1:]), patch, step_size)
     streamed = accumulation == Accumulation.STREAMED
-    items = plan_work(len(model.networks), model.mirror_axes, use_mirroring, windows, slab_major=streamed)
+    plan = plan_case(tuple(data.shape[1:]), patch, step_size, len(model.folds), model.mirror_axes, use_mirroring,
+                     slab_major=streamed)
+    windows, items = plan.windows, plan.items
     report = PredictionReport(accumulation=accumulation.value, batch_size=batch_size, windows=len(windows),
-                              passes_planned=len(items) // len(windows), items_planned=len(items),
+                              passes_planned=plan.passes, items_planned=len(items),
                               budget_left_at_start_s=None if budget.deadline is None else round(budget.left(), 1))
     gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=device)
     acc = _sums(model, data, revert, gaussian, windows, accumulation, report.passes_planned)
-    run = _SlidingWindow(model, padded, items, acc, gaussian, budget, report, in_flight, progress)
+    run = _SlidingWindow(backend, padded, items, acc, gaussian, budget, report, in_flight, progress)
     timer = _Timer(device, budget, report, sync_every, len(items))
     i = 0
     while i < len(items):
@@ -153,9 +154,10 @@ def _sums(model: Model, data: torch.Tensor, revert: tuple[slice, ...], gaussian:
 class _SlidingWindow:
     """One case's work items: which the budget lets run next, how a batch runs on its network, and which are done."""
 
-    def __init__(self, model: Model, padded: torch.Tensor, items: list[WorkItem], acc: Accumulator | StreamedLabels,
-                 gaussian: torch.Tensor, budget: Budget, report: PredictionReport, in_flight: int, progress: bool):
-        self.model, self.padded, self.items, self.acc, self.gaussian = model, padded, items, acc, gaussian
+    def __init__(self, backend: Backend, padded: torch.Tensor, items: list[WorkItem],
+                 acc: Accumulator | StreamedLabels, gaussian: torch.Tensor, budget: Budget, report: PredictionReport,
+                 in_flight: int, progress: bool):
+        self.backend, self.padded, self.items, self.acc, self.gaussian = backend, padded, items, acc, gaussian
         self.budget, self.report, self.in_flight = budget, report, in_flight
         self.device = padded.device
         self.done = [False] * len(items)
@@ -175,8 +177,7 @@ class _SlidingWindow:
                                     f"and this one need {need:.1f} s")
                 return None
         batch = [i]
-        while (len(batch) < batch_size and batch[-1] + 1 < len(items)
-               and items[batch[-1] + 1].model == item.model and items[batch[-1] + 1].flip == item.flip
+        while (len(batch) < batch_size and batch[-1] + 1 < len(items) and items[batch[-1] + 1].same_pass(item)
                and (item.mandatory or report.seconds_per_item is None
                     or budget.allows(report.seconds_per_item * (len(batch) + 1 + self.mandatory_left)))):
             batch.append(batch[-1] + 1)
@@ -189,15 +190,14 @@ class _SlidingWindow:
     def forward(self, batch: list[int], batch_size: int) -> torch.Tensor:
         """The network's output for a batch (channel-major): the answer to a request sent ahead, or run now.
 
-        With in_flight > 1, first sends the next batches ahead to networks that take requests (`submit`)."""
-        if self.in_flight > 1:
+        With in_flight > 1, first sends the next batches ahead, when the backend takes requests ahead."""
+        if self.in_flight > 1 and self.backend.sends_ahead:
             self._send_ahead(batch[0], batch_size)
         sent = self.ahead.pop(tuple(batch), None)
         if sent is not None:
             y = sent.result()
         else:
-            with autocast(self.device):
-                y = self.model.networks[self.items[batch[0]].model](_window_batch(self.padded, self.items, batch))
+            y = self.backend.forward(self.items[batch[0]].fold, _window_batch(self.padded, self.items, batch))
         if not y.is_contiguous():
             # a channels-last output (a backend's own layout): the sums are channel-major, and adding them a
             # chunk of channels at a time from a channels-last output would read all of it for every chunk
@@ -208,9 +208,8 @@ class _SlidingWindow:
         for b in [b for b in self.ahead if b[0] < i]:  # skipped by the budget
             del self.ahead[b]
         for b in _next_batches(self.items, i, batch_size, self.in_flight):
-            net = self.model.networks[self.items[b[0]].model]
-            if b not in self.ahead and hasattr(net, "submit"):
-                self.ahead[b] = net.submit(_window_batch(self.padded, self.items, b))
+            if b not in self.ahead:
+                self.ahead[b] = self.backend.submit(self.items[b[0]].fold, _window_batch(self.padded, self.items, b))
 
     def stitch(self, batch: list[int], y: torch.Tensor) -> None:
         """Add a batch's outputs to the sums and count its items done."""
@@ -264,7 +263,7 @@ def _summarise_passes(model: Model, items: list[WorkItem], done: list[bool], win
     """Name every pass in the report: done, or skipped with how many of its windows and why."""
     passes: dict[tuple, list[int]] = {}
     for k, it in enumerate(items):
-        passes.setdefault((it.model, it.flip), []).append(k)
+        passes.setdefault((it.fold, it.flip), []).append(k)
     for ks in passes.values():
         name = _pass_name(model, items[ks[0]])
         missing = sum(not done[k] for k in ks)

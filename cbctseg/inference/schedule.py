@@ -1,8 +1,14 @@
-"""Work order for one case: windows x models x mirror flips, ordered so that every prefix is a complete answer.
+"""Work order for one case: windows x folds x mirror flips, ordered so that every prefix is a complete answer.
 
-A *pass* is one (model, flip) pair run over every window. Passes without mirroring come first, one per
-model, then the mirrored passes; with a per-voxel weight sum beside the logit sum, stopping after any
-number of windows still gives a correct weighted average of what was done.
+The words, one meaning each:
+- a *window* is one patch-sized box of the padded image (`sliding_windows`);
+- a *pass* is one fold's network with one flip, run over every window (`Pass`);
+- a *work item* is one window of one pass: one forward of one network (`WorkItem`); a *batch* is several
+  consecutive work items of the same pass, run as one forward call.
+
+Passes without mirroring come first, one per fold, then the mirrored passes; with a per-voxel weight sum beside
+the logit sum, stopping after any number of work items still gives a correct weighted average of what was done.
+`plan_case` is the one place a case's windows and work items are planned.
 """
 from __future__ import annotations
 
@@ -16,9 +22,9 @@ from nnunetv2.inference.sliding_window_prediction import compute_steps_for_slidi
 
 @dataclass(frozen=True)
 class Pass:
-    """One network (index into the model's folds) with the spatial axes to flip (empty: none)."""
+    """One fold's network (index into the model's folds) with the spatial axes to flip (empty: none)."""
 
-    model: int
+    fold: int
     flip: tuple[int, ...]
 
 
@@ -28,23 +34,27 @@ def flip_combinations(mirror_axes: tuple[int, ...]) -> list[tuple[int, ...]]:
     return [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
 
 
-def anytime_passes(n_models: int, mirror_axes: tuple[int, ...], use_mirroring: bool = True) -> list[Pass]:
-    """Every model unmirrored first, then each flip for every model."""
+def anytime_passes(n_folds: int, mirror_axes: tuple[int, ...], use_mirroring: bool = True) -> list[Pass]:
+    """Every fold unmirrored first, then each flip for every fold."""
     flips = flip_combinations(mirror_axes) if use_mirroring else [()]
-    return [Pass(m, f) for f in flips for m in range(n_models)]
+    return [Pass(m, f) for f in flips for m in range(n_folds)]
 
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One forward pass: a network, a flip and a window. Mandatory items give every voxel an answer."""
+    """One window of one pass: a fold's network, a flip and a window. Mandatory items give every voxel an answer."""
 
-    model: int
+    fold: int
     flip: tuple[int, ...]
     window: tuple[slice, ...]
     mandatory: bool
 
+    def same_pass(self, other: "WorkItem") -> bool:
+        """Whether both belong to one pass (so one forward call can run them together)."""
+        return self.fold == other.fold and self.flip == other.flip
 
-def plan_work(n_models: int, mirror_axes: tuple[int, ...], use_mirroring: bool, windows: list[tuple[slice, ...]],
+
+def plan_work(n_folds: int, mirror_axes: tuple[int, ...], use_mirroring: bool, windows: list[tuple[slice, ...]],
               slab_major: bool = False) -> list[WorkItem]:
     """All work items in order. Mandatory: the first model, unmirrored, on every window.
 
@@ -52,13 +62,13 @@ def plan_work(n_models: int, mirror_axes: tuple[int, ...], use_mirroring: bool, 
     (for streamed accumulation): all passes of one slab of windows (same first-axis start) before the next,
     so finished slices can be freed; there the budget keeps the mandatory items of later slabs.
     """
-    passes = anytime_passes(n_models, mirror_axes, use_mirroring)
+    passes = anytime_passes(n_folds, mirror_axes, use_mirroring)
     if not slab_major:
-        return [WorkItem(p.model, p.flip, w, i == 0) for i, p in enumerate(passes) for w in windows]
+        return [WorkItem(p.fold, p.flip, w, i == 0) for i, p in enumerate(passes) for w in windows]
     slabs: dict[int, list[tuple[slice, ...]]] = {}
     for w in windows:
         slabs.setdefault(w[0].start, []).append(w)
-    return [WorkItem(p.model, p.flip, w, i == 0) for z in sorted(slabs) for i, p in enumerate(passes)
+    return [WorkItem(p.fold, p.flip, w, i == 0) for z in sorted(slabs) for i, p in enumerate(passes)
             for w in slabs[z]]
 
 
@@ -66,6 +76,30 @@ def sliding_windows(image_shape: tuple[int, ...], patch: tuple[int, ...], step: 
     """nnU-Net's window positions (evenly spaced, `ceil((size - patch) / (patch * step)) + 1` per axis)."""
     steps = compute_steps_for_sliding_window(image_shape, patch, step)
     return [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in itertools.product(*steps)]
+
+
+def padded_shape(shape: tuple[int, ...], patch: tuple[int, ...]) -> tuple[int, ...]:
+    """The image's shape once padded to at least one patch (what nnU-Net's pad_nd_image gives)."""
+    return tuple(max(int(s), int(p)) for s, p in zip(shape, patch))
+
+
+@dataclass(frozen=True)
+class CasePlan:
+    """A case's windows (in padded-image coordinates) and its work items in the order they run."""
+
+    windows: list[tuple[slice, ...]]
+    items: list[WorkItem]
+
+    @property
+    def passes(self) -> int:
+        return len(self.items) // len(self.windows)
+
+
+def plan_case(shape: tuple[int, ...], patch: tuple[int, ...], step: float, n_folds: int,
+              mirror_axes: tuple[int, ...], use_mirroring: bool, slab_major: bool = False) -> CasePlan:
+    """The windows and work items of a case whose network input has spatial `shape`."""
+    windows = sliding_windows(padded_shape(shape, patch), patch, step)
+    return CasePlan(windows, plan_work(n_folds, mirror_axes, use_mirroring, windows, slab_major))
 
 
 class Budget:

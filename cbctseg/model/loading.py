@@ -23,9 +23,12 @@ from cbctseg.model.manifest import (CHECKPOINT, DEMO_WARNING, MANIFEST, Manifest
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Model:
-    """What inference needs from a trained model folder, networks loaded on `device` in eval mode."""
+    """What inference needs from a trained model folder, networks loaded on `device` in eval mode.
+
+    Never changed after loading: how the networks run (compiled, on Triton) is a `networks.backend.Backend`
+    kept beside the model."""
 
     folder: Path
     folds: list[str]
@@ -35,9 +38,8 @@ class Model:
     dataset_json: dict
     trainer_name: str
     mirror_axes: tuple[int, ...]
-    networks: list[torch.nn.Module]
+    networks: tuple[torch.nn.Module, ...]
     input_dtype: torch.dtype = torch.float32  # what preprocessing hands the networks (precision.input_dtype)
-    compile_decision: dict | None = None  # set once, by the first case
     demo: bool = False  # the manifest marks these as demo weights
 
     def describe(self) -> dict:
@@ -138,7 +140,7 @@ def load_model(folder: Path, folds: list[str] | None = None, device: torch.devic
     if manifest.demo:
         log.warning(DEMO_WARNING.format(folder=folder, manifest=MANIFEST))
     return Model(folder, folds, plans_manager, configuration_name, configuration, dataset_json, trainer_name,
-                 tuple(mirror) if mirror is not None else (), networks, precision.input_dtype(device),
+                 tuple(mirror) if mirror is not None else (), tuple(networks), precision.input_dtype(device),
                  demo=manifest.demo)
 
 

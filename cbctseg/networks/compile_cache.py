@@ -2,7 +2,7 @@
 
 Compiling costs a warm-up (about 45 s cold, 17 s with the cache loaded, on an H100) and halves the time of
 a forward pass (0.131 s -> 0.065 s for the ToothFairy2 network on an H100). It pays when the case has
-enough passes to win that time back, and never on the CPU. An AOT package (cbctseg.networks.aot_package) beside the
+enough window forwards to win that time back, and never on the CPU. An AOT package (cbctseg.networks.aot_package) beside the
 weights skips the warm-up altogether, and is used on any device it was built for.
 
     python process.py compile [--weights DIR] [--device cuda]         # compile, warm up, save the cache
@@ -17,11 +17,13 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from cbctseg.networks import aot_package, lean_forward
+from cbctseg.networks.backend import LocalBackend
 from cbctseg.networks.device import device_tag, plans_tag, slug
 from cbctseg.networks.precision import autocast, input_dtype
 
@@ -83,32 +85,32 @@ def save_cache(weights_dir: Path, device: torch.device) -> Path:
     return path
 
 
-def decide(device_type: str, expected_passes: int, budget_s: float | None, cache_available: bool,
-           eager_s_per_pass: float | None = None, costs: Costs = Costs()) -> dict:
+def decide(device_type: str, expected_forwards: int, budget_s: float | None, cache_available: bool,
+           eager_s_per_forward: float | None = None, costs: Costs = Costs()) -> dict:
     """Whether compiling pays for this case (a pure function).
 
-    Compile when it finishes all passes sooner than eager (passes x saving > warm-up) or, when the budget
-    cannot hold all passes either way, when it completes more passes within the budget. A measured eager
-    pass time scales the compiled one by the H100's measured ratio; warm-up costs are not scaled (mostly CPU work).
+    Compile when it finishes all forwards sooner than eager (forwards x saving > warm-up) or, when the budget
+    cannot hold all of them either way, when it completes more of them within the budget. A measured eager
+    forward time scales the compiled one by the H100's measured ratio; warm-up costs are not scaled (mostly CPU work).
     """
-    eager = eager_s_per_pass if eager_s_per_pass else costs.eager_s
+    eager = eager_s_per_forward if eager_s_per_forward else costs.eager_s
     compiled = eager * costs.compiled_s / costs.eager_s
     warmup = costs.cached_compile_s if cache_available else costs.cold_compile_s
-    n = max(0, int(expected_passes))
-    d = {"compile": False, "device": device_type, "expected_passes": n, "budget_s": budget_s,
-         "cache_available": cache_available, "eager_s_per_pass": round(eager, 4),
-         "compiled_s_per_pass": round(compiled, 4), "warmup_s": warmup,
+    n = max(0, int(expected_forwards))
+    d = {"compile": False, "device": device_type, "expected_forwards": n, "budget_s": budget_s,
+         "cache_available": cache_available, "eager_s_per_forward": round(eager, 4),
+         "compiled_s_per_forward": round(compiled, 4), "warmup_s": warmup,
          "eager_total_s": round(n * eager, 1), "compiled_total_s": round(warmup + n * compiled, 1)}
     if device_type != "cuda":
         return {**d, "reason": "never on the CPU"}
     if budget_s is None or (budget_s >= d["compiled_total_s"] and budget_s >= d["eager_total_s"]):
         pays = n * (eager - compiled) > warmup
-        why = f"{n} passes save {n * (eager - compiled):.1f} s against a {warmup:.0f} s warm-up"
+        why = f"{n} forwards save {n * (eager - compiled):.1f} s against a {warmup:.0f} s warm-up"
         return {**d, "compile": pays, "reason": why + (": compile" if pays else ": stay eager")}
     done_eager = min(n, budget_s / eager)
     done_compiled = min(n, max(0.0, (budget_s - warmup) / compiled))
     pays = done_compiled > done_eager
-    why = f"within {budget_s:.0f} s: {done_eager:.0f} passes eager, {done_compiled:.0f} compiled"
+    why = f"within {budget_s:.0f} s: {done_eager:.0f} forwards eager, {done_compiled:.0f} compiled"
     return {**d, "compile": pays, "reason": why + (": compile" if pays else ": stay eager")}
 
 
@@ -120,58 +122,60 @@ def c_compiler() -> str | None:
     return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
 
 
-def _eager(networks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+def _eager(networks: Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
     """How uncompiled networks run: lean (a compiled graph frees each buffer after its last use by itself)."""
     return [lean_forward.lean(n) for n in networks]
 
 
-def maybe_compile(networks: list[torch.nn.Module], device: torch.device, weights_dir: Path, expected_passes: int,
-                  budget_s: float | None, eager_s_per_pass: float | None = None, force: bool | None = None,
-                  costs: Costs = Costs(), batch_size: int = 1, aot: bool = True,
-                  patch: tuple[int, ...] | None = None) -> tuple[list[torch.nn.Module], dict]:
-    """The networks as they will run, compiled when that pays, and the decision (`force`: True always compiles,
-    False never). Uncompiled, they run lean (`lean_forward`).
+def maybe_compile(networks: Sequence[torch.nn.Module], device: torch.device, weights_dir: Path,
+                  expected_forwards: int, budget_s: float | None, eager_s_per_forward: float | None = None,
+                  force: bool | None = None, costs: Costs = Costs(), batch_size: int = 1, aot: bool = True,
+                  patch: tuple[int, ...] | None = None) -> LocalBackend:
+    """The backend the networks run in, compiled when that pays, with the decision as its description
+    (`force`: True always compiles, False never). Uncompiled, they run lean (`lean_forward`). The networks
+    themselves are not changed.
 
     An AOT package for this device and batch size beside the weights is used whenever it exists (it costs no
     warm-up, so it always pays); otherwise torch.compile when `decide` says so. torch.compile is lazy: the
     warm-up is paid by the first forward pass of each network. aot=False: torch.compile only.
 
-    On a GPU, with `patch` and no `eager_s_per_pass`, the decision uses this GPU's eager pass, timed here
-    (measure_eager_pass), rather than the H100's: on a T4 a pass is several times slower, and compiling pays
-    after fewer passes.
+    On a GPU, with `patch` and no `eager_s_per_forward`, the decision uses this GPU's eager forward, timed here
+    (measure_eager_forward), rather than the H100's: on a T4 a forward is several times slower, and compiling
+    pays after fewer of them.
     """
     device = torch.device(device)
     if aot and force is not False:
-        packaged = aot_package.load(networks, weights_dir, device, batch_size)
+        packaged = aot_package.load(list(networks), weights_dir, device, batch_size)
         if packaged is not None:
-            return packaged, {"compile": True, "kind": "aot", "device": device.type, "expected_passes": expected_passes,
-                         "package": aot_package.package_path(weights_dir, device, batch_size).name,
-                         "reason": "an AOT package for this device: compiled passes without a warm-up"}
+            return LocalBackend(packaged, device, {
+                "compile": True, "kind": "aot", "device": device.type, "expected_forwards": expected_forwards,
+                "package": aot_package.package_path(weights_dir, device, batch_size).name,
+                "reason": "an AOT package for this device: compiled forwards without a warm-up"})
     if device.type == "cuda" and force is not False and c_compiler() is None:
         # Triton builds its kernel launcher with the system's C compiler at the first compiled call; a slim
         # image has none, and the case would fail there instead of running eager
         log.warning("no C compiler (CC, cc, gcc or clang): torch.compile cannot run here; staying eager")
-        return _eager(networks), {"kind": "torch.compile", "compile": False, "device": device.type,
-                          "expected_passes": expected_passes,
-                          "reason": "no C compiler for Triton: eager (an AOT package needs none)"}
+        return LocalBackend(_eager(networks), device, {
+            "kind": "torch.compile", "compile": False, "device": device.type, "expected_forwards": expected_forwards,
+            "reason": "no C compiler for Triton: eager (an AOT package needs none)"})
     cached = device.type == "cuda" and cache_path(weights_dir, device).is_file()
     eager = _eager(networks)
-    measured = device.type == "cuda" and force is None and eager_s_per_pass is None and patch is not None
+    measured = device.type == "cuda" and force is None and eager_s_per_forward is None and patch is not None
     if measured:
-        eager_s_per_pass = measure_eager_pass(eager[0], patch, device, batch_size)
-    decision = {"kind": "torch.compile", "eager_measured_here": measured, **decide(device.type, expected_passes, budget_s, cached, eager_s_per_pass,
-                                                   costs)}
+        eager_s_per_forward = measure_eager_forward(eager[0], patch, device, batch_size)
+    decision = {"kind": "torch.compile", "eager_measured_here": measured,
+                **decide(device.type, expected_forwards, budget_s, cached, eager_s_per_forward, costs)}
     if force is not None:
         decision = {**decision, "compile": force, "reason": f"forced ({'on' if force else 'off'})"}
     if not decision["compile"]:
-        return eager, decision
+        return LocalBackend(eager, device, decision)
     decision["cache_loaded"] = load_cache(weights_dir, device) if cached else False
     # dynamic=False: every window has the patch's shape; a dynamic graph would be slower
-    return [torch.compile(n, dynamic=False) for n in networks], decision
+    return LocalBackend([torch.compile(n, dynamic=False) for n in networks], device, decision)
 
 
 @torch.inference_mode()
-def warm_up(networks: list[torch.nn.Module], patch: tuple[int, ...], device: torch.device,
+def warm_up(networks: Sequence[Callable[[torch.Tensor], torch.Tensor]], patch: tuple[int, ...], device: torch.device,
             batch_size: int = 1) -> float:
     """One forward pass per network on a window-shaped input, as the predictor runs it; returns seconds."""
     t0 = time.monotonic()
@@ -184,7 +188,7 @@ def warm_up(networks: list[torch.nn.Module], patch: tuple[int, ...], device: tor
     return time.monotonic() - t0
 
 
-def measure_eager_pass(net: torch.nn.Module, patch: tuple[int, ...], device: torch.device,
+def measure_eager_forward(net: torch.nn.Module, patch: tuple[int, ...], device: torch.device,
                        batch_size: int = 1) -> float:
     """Seconds per window of one eager forward pass on this device (the second of two: the first pays for
     cuDNN's algorithm search, which the case's first window would pay anyway)."""
@@ -230,10 +234,10 @@ def run_from_args(a: argparse.Namespace) -> int:
         print(f"AOT package built in {seconds:.1f} s, first pass of each network {first:.1f} s; "
               f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
         return 0
-    networks, decision = maybe_compile(model.networks, device, a.weights, 0, None, force=True, aot=False)
-    seconds = warm_up(networks, model.patch_size, device, a.batch_size)
+    backend = maybe_compile(model.networks, device, a.weights, 0, None, force=True, aot=False)
+    seconds = warm_up(backend.networks, model.patch_size, device, a.batch_size)
     path = save_cache(a.weights, device)
-    print(f"compiled warm-up {seconds:.1f} s (cache loaded first: {decision.get('cache_loaded')}); "
+    print(f"compiled warm-up {seconds:.1f} s (cache loaded first: {backend.decision.get('cache_loaded')}); "
           f"cache {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -1,4 +1,4 @@
-"""Run the folds' networks on a Triton Inference Server: drop-in callables for `Model.networks`.
+"""Run the folds' networks on a Triton Inference Server: `TritonBackend`, one `TritonNetwork` per fold.
 
 `TritonNetwork(x)` takes what the sliding window gives a network, x (B, 1, *patch), sends it as an fp16
 binary tensor over gRPC and returns float32 logits (B, C, *patch) on x's device. `submit(x)` does the same
@@ -220,10 +220,27 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
                    help="batches of windows on the server at once, per case (its dynamic batcher merges them)")
 
 
-def use_backend(model, args: argparse.Namespace, weights_dir: Path) -> None:
-    """With --backend triton, replace the model's networks by Triton clients (raises TritonError)."""
-    if getattr(args, "backend", "local") == "triton":
-        model.networks = remote_networks(args.triton_url, weights_dir, model.folds, args.triton_timeout,
-                                         args.triton_retries)
-        # nothing to torch.compile here: the decision is made, so predict_case leaves the networks alone
-        model.compile_decision = {"compile": False, "reason": f"networks on Triton at {args.triton_url}"}
+class TritonBackend:
+    """The backend (`networks.backend.Backend`) of folds served by Triton: requests go ahead of time (`submit`)."""
+
+    sends_ahead = True
+
+    def __init__(self, networks: list[TritonNetwork], url: str):
+        self.networks, self.url = tuple(networks), url
+
+    def forward(self, fold: int, x: torch.Tensor) -> torch.Tensor:
+        return self.networks[fold](x)
+
+    def submit(self, fold: int, x: torch.Tensor) -> Future:
+        return self.networks[fold].submit(x)
+
+    def describe(self) -> dict:
+        return {"kind": "triton", "compile": False, "reason": f"networks on Triton at {self.url}"}
+
+
+def triton_backend(args: argparse.Namespace, weights_dir: Path, folds: list[str]) -> TritonBackend | None:
+    """With --backend triton, the backend of the model's folds on the server (raises TritonError); else None."""
+    if getattr(args, "backend", "local") != "triton":
+        return None
+    return TritonBackend(remote_networks(args.triton_url, weights_dir, folds, args.triton_timeout,
+                                         args.triton_retries), args.triton_url)
