@@ -23,10 +23,11 @@ import torch
 from tqdm import tqdm
 
 from cbctseg.io import gc_io
-from cbctseg.model.loading import Model, ModelError, default_model_folder, load_model
+from cbctseg.model.loading import ModelError, default_model_folder, load_model
 from cbctseg.options import ACCUMULATIONS, CaseOptions, positive_int, step_size
 from cbctseg.resources import label_map, task
 from cbctseg.inference.schedule import Budget
+from cbctseg.inference.ensemble import LoadedModel
 from cbctseg.networks.backend import BackendSlot
 from cbctseg.networks.triton_backend import TritonError, add_backend_arguments, triton_backend
 
@@ -55,12 +56,13 @@ def read_cases(source: Path, output: Path) -> list[gc_io.Case]:
     return [gc_io.Case(p.name, p, out_dir / p.name) for p in paths]
 
 
-def run_cohort(cases: list[gc_io.Case], model: Model, backend: BackendSlot, device: torch.device,
-               options: CaseOptions, workers: int = 2, time_budget_s: float | None = None, overwrite: bool = False,
+def run_cohort(cases: list[gc_io.Case], members: list[LoadedModel], device: torch.device, options: CaseOptions,
+               workers: int = 2, time_budget_s: float | None = None, overwrite: bool = False,
                progress: bool = True) -> list[dict]:
     """Segment the cases, `workers` at a time; returns one report per case (ok, failed, skipped, not started).
 
-    `backend` is shared: the first case to need it chooses it (compiled or not) while the others wait."""
+    The members' backends are shared: the first case to need one chooses it (compiled or not) while the
+    others wait."""
     from cbctseg.run import predict_case
 
     todo = [c for c in cases if overwrite or not c.output_path.exists()]
@@ -74,7 +76,7 @@ def run_cohort(cases: list[gc_io.Case], model: Model, backend: BackendSlot, devi
             return {"case": case.name, "status": "not started", "error": "cohort stopped after a Triton error"}
         budget = Budget(time.monotonic() + time_budget_s if time_budget_s else None)
         try:
-            return predict_case(case, model, backend, device, options, budget)
+            return predict_case(case, members, device, options, budget)
         except TritonError as e:
             stop.set()
             return {"case": case.name, "status": "failed", "error": str(e)}
@@ -153,13 +155,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         # with Triton the local networks only stand in until replaced: keep them off the GPU
         model = load_model(weights, args.folds, torch.device("cpu") if args.backend == "triton" else device,
                            expected_classes=label_map().num_classes)
-        backend = BackendSlot(triton_backend(args, weights, model.folds))
+        members = [LoadedModel(model, BackendSlot(triton_backend(args, weights, model.folds)))]
     except (ValueError, ModelError, TritonError) as e:  # InputError is a ValueError
         log.error("cohort: %s", e)
         return 2
     options = CaseOptions.from_args(args, progress=sys.stderr.isatty() or getattr(args, "verbose", False))
     log.info("cohort: %d case(s), %d worker(s), backend %s", len(cases), args.workers, args.backend)
-    reports = run_cohort(cases, model, backend, device, options, args.workers, args.time_budget or None, args.overwrite)
+    reports = run_cohort(cases, members, device, options, args.workers, args.time_budget or None, args.overwrite)
     summary = summarize(reports, time.monotonic() - t0, input=str(args.input), output=str(args.output),
                         weights=str(weights), folds=model.folds, backend=args.backend,
                         triton_url=args.triton_url if args.backend == "triton" else None, workers=args.workers)

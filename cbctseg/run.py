@@ -20,8 +20,9 @@ from cbctseg.inference.finalize import finalize
 from cbctseg.model.loading import Model, ModelError, default_model_folder, load_model
 from cbctseg.options import CaseOptions
 from cbctseg.inference.postprocess import to_fdi
+from cbctseg.inference.ensemble import LoadedModel, ProbabilitySum, sums_device
 from cbctseg.inference.predictor import Accumulation, predict
-from cbctseg.inference.preprocess import preprocess
+from cbctseg.inference.preprocess import Preprocessed, preprocess
 from cbctseg.resources import cutoffs, label_map, task
 from cbctseg.networks.backend import Backend, BackendSlot
 from cbctseg.networks.compile_cache import maybe_compile
@@ -95,47 +96,31 @@ def choose_backend(model: Model, device: torch.device, options: CaseOptions, for
                          batch_size=options.batch_size, patch=model.patch_size)
 
 
-def predict_case(case: gc_io.Case, model: Model, backend: BackendSlot, device: torch.device, options: CaseOptions,
+def predict_case(case: gc_io.Case, members: list[LoadedModel], device: torch.device, options: CaseOptions,
                  budget: Budget) -> dict:
-    """Segment one case and write its label map; returns the case report (raises on failure).
+    """Segment one case with one model or an ensemble of several and write its label map; returns the case
+    report (raises on failure).
 
-    `backend`: how the model's networks run, shared by the run's cases; the first case that finds it empty
-    chooses it (`choose_backend`)."""
+    Each member's backend (how its networks run) is shared by the run's cases; the first case that finds it
+    empty chooses it (`choose_backend`)."""
     t: dict[str, float] = {}
     t0 = time.monotonic()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     vol = gc_io.read_volume(case.path)
     t["read"] = time.monotonic() - t0
-    t1 = time.monotonic()
-    pre = preprocess(vol.array, vol.nnunet_properties["spacing"], model, device)
-    t["preprocess"] = time.monotonic() - t1
-    budget.reserve_s = finalize_reserve_s(int(np.prod(vol.array.shape)), model.num_classes, device)
-    needs_resampling = tuple(pre.data.shape[1:]) != tuple(pre.shape_after_cropping)
-    accumulation = choose_accumulation(model, tuple(pre.data.shape[1:]), needs_resampling, device,
-                                       options.accumulate, options.batch_size)
-    if accumulation == Accumulation.STREAMED and needs_resampling:
-        raise ValueError("--accumulate streamed needs a case at the plans' spacing (no resampling)")
-    if backend.chosen is None:
-        forwards = len(plan_case(tuple(pre.data.shape[1:]), model.patch_size, options.step_size, len(model.folds),
-                                 model.mirror_axes, options.mirroring).items)
-        t1 = time.monotonic()
-        networks = backend.get(lambda: choose_backend(model, device, options, forwards, budget))
-        t["compile"] = time.monotonic() - t1  # loading a package; torch.compile's warm-up falls in the first pass
+    num_classes = members[0].model.num_classes
+    # every model's finalize (one for a single model) after its last window
+    budget.reserve_s = len(members) * finalize_reserve_s(int(np.prod(vol.array.shape)), num_classes, device)
+    if len(members) == 1:
+        labels, parts = _predict_one(vol, members[0], device, options, budget, t)
     else:
-        networks = backend.chosen
+        labels, parts = _predict_ensemble(vol, members, device, options, budget, t)
     t1 = time.monotonic()
-    result, is_labels, pred_report = predict(model, networks, pre.data, options.step_size, options.mirroring,
-                                             accumulation,
-                                             budget, options.batch_size, progress=options.progress,
-                                             in_flight=options.in_flight)
-    t["sliding_window"] = time.monotonic() - t1
-    t1 = time.monotonic()
-    labels = finalize(result, pre, model, device, is_labels)
-    del result
     fdi, removed = to_fdi(labels, label_map(), cutoffs())
+    del labels
     fdi = fdi.cpu().numpy()
-    t["finalize"] = time.monotonic() - t1
+    t["finalize"] = t.get("finalize", 0.0) + time.monotonic() - t1
     t1 = time.monotonic()
     gc_io.write_label_map(fdi, vol, case.output_path)
     if options.pictures:
@@ -146,12 +131,127 @@ def predict_case(case: gc_io.Case, model: Model, backend: BackendSlot, device: t
     t["total"] = time.monotonic() - t0
     present = sorted(int(v) for v in np.unique(fdi) if v)
     return {
-        "case": case.name, "status": "ok", "output": str(case.output_path), "model": model.describe(),
+        "case": case.name, "status": "ok", "output": str(case.output_path), "model": parts["model"],
         "shape_zyx": list(vol.array.shape), "spacing_xyz": list(vol.spacing),
-        "network_input_shape": list(pre.data.shape[1:]), "device": describe(device),
-        "seconds": {k: round(v, 3) for k, v in t.items()}, "prediction": asdict(pred_report),
-        "compile": networks.describe(), "structures_present": present, "removed_by_cutoffs": removed, "peak_gpu_memory_gb": peak_memory_gb(device),
+        "network_input_shape": parts["network_input_shape"], "device": describe(device),
+        "seconds": {k: round(v, 3) for k, v in t.items()}, "prediction": parts["prediction"],
+        "compile": parts["compile"], "structures_present": present, "removed_by_cutoffs": removed,
+        "peak_gpu_memory_gb": peak_memory_gb(device),
     }
+
+
+def _preprocessed(vol: gc_io.Volume, model: Model, device: torch.device, t: dict[str, float]) -> Preprocessed:
+    t1 = time.monotonic()
+    pre = preprocess(vol.array, vol.nnunet_properties["spacing"], model, device)
+    t["preprocess"] = t.get("preprocess", 0.0) + time.monotonic() - t1
+    return pre
+
+
+def _accumulation(model: Model, pre: Preprocessed, device: torch.device, options: CaseOptions) -> Accumulation:
+    needs_resampling = tuple(pre.data.shape[1:]) != tuple(pre.shape_after_cropping)
+    accumulation = choose_accumulation(model, tuple(pre.data.shape[1:]), needs_resampling, device,
+                                       options.accumulate, options.batch_size)
+    if accumulation == Accumulation.STREAMED and needs_resampling:
+        raise ValueError("--accumulate streamed needs a case at the plans' spacing (no resampling)")
+    return accumulation
+
+
+def _backend(member: LoadedModel, pre: Preprocessed, device: torch.device, options: CaseOptions, budget: Budget,
+             t: dict[str, float]) -> Backend:
+    """The member's backend, chosen now (timed as "compile") when this is the run's first case."""
+    if member.backend.chosen is not None:
+        return member.backend.chosen
+    model = member.model
+    forwards = len(plan_case(tuple(pre.data.shape[1:]), model.patch_size, options.step_size, len(model.folds),
+                             model.mirror_axes, options.mirroring).items)
+    t1 = time.monotonic()
+    backend = member.backend.get(lambda: choose_backend(model, device, options, forwards, budget))
+    # loading a package; torch.compile's warm-up falls in the first pass
+    t["compile"] = t.get("compile", 0.0) + time.monotonic() - t1
+    return backend
+
+
+def _predict_one(vol: gc_io.Volume, member: LoadedModel, device: torch.device, options: CaseOptions, budget: Budget,
+                 t: dict[str, float]) -> tuple[torch.Tensor, dict]:
+    """One model: its averaged logits' argmax on the input grid, and its parts of the case report."""
+    model = member.model
+    pre = _preprocessed(vol, model, device, t)
+    accumulation = _accumulation(model, pre, device, options)
+    backend = _backend(member, pre, device, options, budget, t)
+    t1 = time.monotonic()
+    result, is_labels, report = predict(model, backend, pre.data, options.step_size, options.mirroring,
+                                        accumulation, budget, options.batch_size, progress=options.progress,
+                                        in_flight=options.in_flight)
+    t["sliding_window"] = time.monotonic() - t1
+    t1 = time.monotonic()
+    labels = finalize(result, pre, model, device, is_labels)
+    t["finalize"] = time.monotonic() - t1
+    return labels, {"model": model.describe(), "network_input_shape": list(pre.data.shape[1:]),
+                    "prediction": asdict(report), "compile": backend.describe()}
+
+
+def _predict_ensemble(vol: gc_io.Volume, members: list[LoadedModel], device: torch.device, options: CaseOptions,
+                      budget: Budget, t: dict[str, float]) -> tuple[torch.Tensor, dict]:
+    """Several models, one after the other, each one's probabilities added to one sum on the input grid.
+
+    The budget spans the models: a model's optional work leaves time for the first pass of every later
+    model, and a later model runs only when its first pass fits (projected from the seconds per window of
+    the model before, scaled by the patch volume); every model done adds a complete answer."""
+    num_classes = members[0].model.num_classes
+    sums = ProbabilitySum(num_classes, tuple(vol.array.shape), sums_device(num_classes, vol.array.shape, device))
+    pres = [_preprocessed(vol, m.model, device, t) for m in members]
+    # the first pass of each model, in window forwards weighted by the patch's voxels
+    first_pass = [len(plan_case(tuple(p.data.shape[1:]), m.model.patch_size, options.step_size, len(m.model.folds),
+                                m.model.mirror_axes, options.mirroring).windows) * float(np.prod(m.model.patch_size))
+                  for m, p in zip(members, pres)]
+    runs: list[dict] = []
+    s_per_voxel = None  # seconds per window voxel of the model run last
+    for k, (member, pre) in enumerate(zip(members, pres)):
+        model, volume = member.model, float(np.prod(member.model.patch_size))
+        run = {"model": model.describe(), "weight": member.weight}
+        runs.append(run)
+        if k > 0 and s_per_voxel is not None and not budget.allows(s_per_voxel * first_pass[k]):
+            run.update(status="skipped", reason=f"time budget: {budget.left():.1f} s left, its first pass needs "
+                       f"about {s_per_voxel * first_pass[k]:.1f} s")
+            continue
+        accumulation = _accumulation(model, pre, device, options)
+        backend = _backend(member, pre, device, options, budget, t)
+        streamed = accumulation == Accumulation.STREAMED
+        t1 = time.monotonic()
+        result, _, report = predict(model, backend, pre.data, options.step_size, options.mirroring, accumulation,
+                                    budget, options.batch_size, progress=options.progress, in_flight=options.in_flight,
+                                    reserved_items=sum(first_pass[k + 1:]) / volume,
+                                    sink=sums.sink(model, pre, member.weight) if streamed else None)
+        t["sliding_window"] = t.get("sliding_window", 0.0) + time.monotonic() - t1
+        t1 = time.monotonic()
+        if not streamed:
+            sums.add_logits(result, pre, model, member.weight, device)
+        del result
+        t["finalize"] = t.get("finalize", 0.0) + time.monotonic() - t1
+        if report.seconds_per_item is not None:
+            s_per_voxel = report.seconds_per_item / volume
+        run.update(status="done", prediction=asdict(report), compile=backend.describe())
+    t1 = time.monotonic()
+    labels = sums.labels(device)
+    t["finalize"] += time.monotonic() - t1
+    return labels, {"model": [r["model"] for r in runs], "network_input_shape": [list(p.data.shape[1:]) for p in pres],
+                    "prediction": _ensemble_prediction(runs), "compile": [r.get("compile") for r in runs]}
+
+
+def _ensemble_prediction(runs: list[dict]) -> dict:
+    """The case report's "prediction" of an ensemble: work done and skipped over all models, and per model."""
+    out: dict = {"items_planned": 0, "items_done": 0, "passes_done": [], "skipped": [], "models": runs}
+    for k, r in enumerate(runs):
+        name = f"model {k + 1} ({r['model']['configuration']})"
+        if r["status"] == "skipped":
+            out["skipped"].append(f"{name}: not run ({r['reason']})")
+            continue
+        p = r["prediction"]
+        out["items_planned"] += p["items_planned"]
+        out["items_done"] += p["items_done"]
+        out["passes_done"] += [f"{name} {s}" for s in p["passes_done"]]
+        out["skipped"] += [f"{name} {s}" for s in p["skipped"]]
+    return out
 
 
 def summary_line(r: dict) -> str:
@@ -307,7 +407,7 @@ def _predict_cases(args: argparse.Namespace, run: RunRecord) -> int:
         on_triton = getattr(args, "backend", "local") == "triton"
         model = load_model(weights, args.folds, torch.device("cpu") if on_triton else device,
                            expected_classes=label_map().num_classes)
-        backend = BackendSlot(triton_backend(args, weights, model.folds))
+        members = [LoadedModel(model, BackendSlot(triton_backend(args, weights, model.folds)))]
         log.info("model loaded in %.1f s", time.monotonic() - t0)
     except (ModelError, TritonError) as e:
         return _start_error(run, f"cannot load the model: {e}")
@@ -319,7 +419,7 @@ def _predict_cases(args: argparse.Namespace, run: RunRecord) -> int:
         budget = Budget(start + budget_s if budget_s > 0 else None)
         run.current, run.current_output_before = case, _file_id(case.output_path)
         try:
-            report = predict_case(case, model, backend, device, options, budget)
+            report = predict_case(case, members, device, options, budget)
         except gc_io.InputError as e:
             report = {"case": case.name, "status": "failed", "error": str(e)}
         except Exception as e:  # one bad case must not stop the others

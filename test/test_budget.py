@@ -11,6 +11,7 @@ import torch
 from cbctseg.io import gc_io
 from cbctseg.inference.finalize import finalize
 from cbctseg.model.loading import load_model
+from cbctseg.inference.ensemble import LoadedModel
 from cbctseg.networks.backend import BackendSlot, LocalBackend
 from cbctseg.training.phantom import PhantomSpec, make_phantom_arrays
 from cbctseg.inference.predictor import Accumulation, predict
@@ -72,7 +73,7 @@ def test_slow_network_and_short_budget_end_in_time_with_a_complete_label_map(tmp
     args = CaseOptions()
     start = time.monotonic()
     budget_s = 6.0
-    report = predict_case(case, model, BackendSlot(backend), CPU, args, Budget(start + budget_s))
+    report = predict_case(case, [LoadedModel(model, BackendSlot(backend))], CPU, args, Budget(start + budget_s))
     elapsed = time.monotonic() - start
     assert elapsed < budget_s, elapsed
     pred = report["prediction"]

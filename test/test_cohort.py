@@ -9,6 +9,7 @@ from cbctseg.io import gc_io
 from cbctseg.cohort import run_cohort
 from cbctseg.options import CaseOptions
 from cbctseg.model.loading import load_model
+from cbctseg.inference.ensemble import LoadedModel
 from cbctseg.networks.backend import BackendSlot
 from cbctseg.resources import label_map
 from conftest import run_process, write_phantom
@@ -24,7 +25,7 @@ def test_threads_share_one_compile_decision(tmp_path, weights):
     originals = list(model.networks)
     args = CaseOptions(mirroring=False)
     slot = BackendSlot()
-    reports = run_cohort(cases, model, slot, torch.device("cpu"), args, workers=4, progress=False)
+    reports = run_cohort(cases, [LoadedModel(model, slot)], torch.device("cpu"), args, workers=4, progress=False)
     assert [r["status"] for r in reports] == ["ok"] * 4, reports
     assert all(r["compile"] is slot.chosen.describe() for r in reports)
     # wrapped once to run lean, around the loaded networks themselves (not around another thread's wrapper)

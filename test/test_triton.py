@@ -50,6 +50,7 @@ from cbctseg.model.loading import load_model
 from cbctseg.options import CaseOptions
 from cbctseg.run import predict_case
 from cbctseg.inference.schedule import Budget
+from cbctseg.inference.ensemble import LoadedModel
 from cbctseg.networks.backend import BackendSlot, LocalBackend
 from cbctseg.networks.triton_backend import TritonBackend, TritonError, TritonNetwork, remote_networks
 from cbctseg.networks.triton_export import HASH_PARAM, export_repository, weights_hash
@@ -106,7 +107,7 @@ def local_reference(tmp_path_factory, weights):
     model = load_model(weights, FOLDS, CPU)
     backend = LocalBackend([Fp16Transport(n) for n in model.networks], CPU, {"kind": "fp16 transport"})
     t0 = time.monotonic()
-    predict_case(case, model, BackendSlot(backend), CPU, engine_args(), Budget(None))
+    predict_case(case, [LoadedModel(model, BackendSlot(backend))], CPU, engine_args(), Budget(None))
     print(f"local backend: {time.monotonic() - t0:.1f} s")
     return case.path, sitk.GetArrayFromImage(sitk.ReadImage(str(case.output_path)))
 
@@ -153,7 +154,7 @@ def test_triton_backend_gives_the_labels_of_the_local_backend(server, local_refe
     backend = TritonBackend(remote_networks(server, weights, model.folds), server)
     case = gc_io.Case("case.mha", image, tmp_path / "case.mha")
     t0 = time.monotonic()
-    report = predict_case(case, model, BackendSlot(backend), CPU, engine_args(), Budget(None))
+    report = predict_case(case, [LoadedModel(model, BackendSlot(backend))], CPU, engine_args(), Budget(None))
     print(f"Triton backend: {time.monotonic() - t0:.1f} s, {report['prediction']['items_done']} windows")
     ours = _labels(case.output_path)
     agreement = float((ours == ref).mean())
@@ -256,7 +257,7 @@ def test_server_errors_mid_case_leave_no_partial_output(repository, tmp_path, we
         backend = TritonBackend(remote_networks(url, weights, model.folds, retries=1), url)
         case = gc_io.Case("a.mha", tmp_path / "in" / "a.mha", tmp_path / "out1" / "a.mha")
         with pytest.raises(TritonError, match="inference failed: .* RuntimeError: injected failure"):
-            predict_case(case, model, BackendSlot(backend), CPU, engine_args(batch_size=1), Budget(None))
+            predict_case(case, [LoadedModel(model, BackendSlot(backend))], CPU, engine_args(batch_size=1), Budget(None))
         assert not (tmp_path / "out1").exists() or not any((tmp_path / "out1").iterdir())
         rc = _cohort("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2"), "--weights", str(weights),
                      "--folds", *FOLDS, "--no-mirroring", "--backend", "triton", "--triton-url", url,

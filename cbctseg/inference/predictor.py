@@ -11,6 +11,7 @@ may stop early, and an out-of-memory error (sums moved to the CPU, or the batch 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
@@ -83,14 +84,21 @@ def _pass_name(model: Model, item: WorkItem) -> str:
 @torch.inference_mode()
 def predict(model: Model, backend: Backend, data: torch.Tensor, step_size: float = 0.5, use_mirroring: bool = True,
             accumulation: Accumulation = Accumulation.DEVICE, budget: Budget | None = None,
-            batch_size: int = 1, progress: bool = True, in_flight: int = 1, sync_every: int = 8
-            ) -> tuple[torch.Tensor, bool, PredictionReport]:
+            batch_size: int = 1, progress: bool = True, in_flight: int = 1, sync_every: int = 8,
+            reserved_items: float = 0.0, sink: Callable[[int, torch.Tensor], None] | None = None
+            ) -> tuple[torch.Tensor | None, bool, PredictionReport]:
     """Run the model's folds (on `backend`) over data (1, z, y, x), window by window, on data's device.
 
     sync_every: items between waits for the device (each wait times the work so far, for the budget).
 
     in_flight > 1: a backend that takes requests ahead of time (Triton) gets the next batches early, so that
     many requests are on the server while this loop stitches.
+
+    reserved_items: work after this model's (later models of an ensemble), in this model's work items, that
+    the budget keeps time for: optional items are skipped sooner so that it still fits.
+
+    sink (streamed only): takes each finished band of averaged logits instead of the argmax
+    (`stitching.StreamedLabels`); the result is then None.
 
     Returns (result, is_labels, report): averaged logits (C, z, y, x), or, when streamed, the uint8
     argmax (z, y, x) on the CPU. Raises stitching.NonFiniteLogits when the averaged logits hold NaN or infinity.
@@ -107,8 +115,8 @@ def predict(model: Model, backend: Backend, data: torch.Tensor, step_size: float
                               passes_planned=plan.passes, items_planned=len(items),
                               budget_left_at_start_s=None if budget.deadline is None else round(budget.left(), 1))
     gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=device)
-    acc = _sums(model, data, revert, gaussian, windows, accumulation, report.passes_planned)
-    run = _SlidingWindow(backend, padded, items, acc, gaussian, budget, report, in_flight, progress)
+    acc = _sums(model, data, revert, gaussian, windows, accumulation, report.passes_planned, sink)
+    run = _SlidingWindow(backend, padded, items, acc, gaussian, budget, report, in_flight, progress, reserved_items)
     timer = _Timer(device, budget, report, sync_every, len(items))
     i = 0
     while i < len(items):
@@ -138,15 +146,15 @@ def predict(model: Model, backend: Backend, data: torch.Tensor, step_size: float
 
 
 def _sums(model: Model, data: torch.Tensor, revert: tuple[slice, ...], gaussian: torch.Tensor,
-          windows: list[tuple[slice, ...]], accumulation: Accumulation, passes: int
-          ) -> Accumulator | StreamedLabels:
+          windows: list[tuple[slice, ...]], accumulation: Accumulation, passes: int,
+          sink: Callable[[int, torch.Tensor], None] | None = None) -> Accumulator | StreamedLabels:
     """Empty sums for the case where `accumulation` says, normalised for the planned windows and passes."""
     device = data.device
     # the sums cover the image without its padding (the padding's logits would be cropped away anyway)
     origin, region = tuple(int(s.start) for s in revert[1:]), tuple(data.shape[1:])
     normaliser = Normaliser(gaussian, windows, passes)
     if accumulation == Accumulation.STREAMED:
-        return StreamedLabels(model.num_classes, region, model.patch_size[0], device, normaliser, origin)
+        return StreamedLabels(model.num_classes, region, model.patch_size[0], device, normaliser, origin, sink)
     return Accumulator(model.num_classes, region, device if accumulation == Accumulation.DEVICE
                        else torch.device("cpu"), normaliser=normaliser, origin=origin)
 
@@ -156,12 +164,13 @@ class _SlidingWindow:
 
     def __init__(self, backend: Backend, padded: torch.Tensor, items: list[WorkItem],
                  acc: Accumulator | StreamedLabels, gaussian: torch.Tensor, budget: Budget, report: PredictionReport,
-                 in_flight: int, progress: bool):
+                 in_flight: int, progress: bool, reserved_items: float = 0.0):
         self.backend, self.padded, self.items, self.acc, self.gaussian = backend, padded, items, acc, gaussian
         self.budget, self.report, self.in_flight = budget, report, in_flight
         self.device = padded.device
         self.done = [False] * len(items)
         self.mandatory_left = sum(1 for it in items if it.mandatory)
+        self.reserved_items = reserved_items  # later work the budget keeps time for
         self.skip_reason: str | None = None  # why the budget skipped items, for the report
         self.ahead: dict[tuple[int, ...], Future] = {}  # batches sent ahead; one the budget then skips is not used
         self.bar = tqdm(total=len(items), desc="sliding window", unit="window", disable=not progress, leave=False)
@@ -171,15 +180,17 @@ class _SlidingWindow:
         None when the budget skips item i. queued: items run but not yet on the clock."""
         items, item, report, budget = self.items, self.items[i], self.report, self.budget
         if not item.mandatory and report.seconds_per_item is not None:
-            need = report.seconds_per_item * (1 + self.mandatory_left + queued)
+            need = report.seconds_per_item * (1 + self.mandatory_left + queued + self.reserved_items)
             if not budget.allows(need):
-                self.skip_reason = (f"time budget: {budget.left():.1f} s left, {self.mandatory_left} required windows "
-                                    f"and this one need {need:.1f} s")
+                later = " and later models' first passes" if self.reserved_items else ""
+                self.skip_reason = (f"time budget: {budget.left():.1f} s left, {self.mandatory_left} required windows"
+                                    f"{later} and this one need {need:.1f} s")
                 return None
         batch = [i]
         while (len(batch) < batch_size and batch[-1] + 1 < len(items) and items[batch[-1] + 1].same_pass(item)
                and (item.mandatory or report.seconds_per_item is None
-                    or budget.allows(report.seconds_per_item * (len(batch) + 1 + self.mandatory_left)))):
+                    or budget.allows(report.seconds_per_item * (len(batch) + 1 + self.mandatory_left
+                                                                + self.reserved_items)))):
             batch.append(batch[-1] + 1)
         return batch
 

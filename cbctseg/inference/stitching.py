@@ -8,6 +8,8 @@ normalised by its voxel's planned weight total (`Normaliser`), so the sums stay 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -221,14 +223,19 @@ class StreamedLabels:
     `shape` of the padded image (the image without its padding; z coordinates of `z0` and `weights` are the
     region's, windows and `finish_before` speak padded-image coordinates); valid when the logits need no
     resampling before the argmax.
+
+    With a `sink`, finished slices are not argmaxed here: sink(first region slice, averaged fp16 logits
+    (C, n, y, x)) takes them (an ensemble adds them to its probability sums), and `result` is None.
     """
 
     def __init__(self, num_classes: int, shape: tuple[int, ...], patch_z: int, device: torch.device,
-                 normaliser: Normaliser | None = None, origin: tuple[int, ...] | None = None):
+                 normaliser: Normaliser | None = None, origin: tuple[int, ...] | None = None,
+                 sink: Callable[[int, torch.Tensor], None] | None = None):
         self.shape, self.num_classes, self.device = tuple(shape), num_classes, device
         self.normaliser = normaliser
         self.origin = tuple(origin) if origin is not None else (0,) * len(self.shape)
-        self.labels = torch.zeros(self.shape, dtype=torch.uint8)
+        self.sink = sink
+        self.labels = torch.zeros(self.shape, dtype=torch.uint8) if sink is None else None
         self.z0 = 0  # first slice (of the region) held in the band
         self.band = self._band(min(patch_z, self.shape[0]))
         self.added: list[tuple[tuple[slice, ...], torch.Tensor]] = []  # (window, weight) of every add, in order
@@ -288,7 +295,10 @@ class StreamedLabels:
             avg = (self.band.logits[:, a:b] / weights).half()
             del weights
             check_finite(avg, self.z0 + a)
-            self.labels[self.z0 + a:self.z0 + b] = avg.argmax(0).to(torch.uint8).cpu()
+            if self.sink is not None:
+                self.sink(self.z0 + a, avg)
+            else:
+                self.labels[self.z0 + a:self.z0 + b] = avg.argmax(0).to(torch.uint8).cpu()
             del avg
         keep = self.band.shape[0] - n
         # shift the kept slices to the front in place, in chunks of at most n slices: a chunk's source then
@@ -301,7 +311,7 @@ class StreamedLabels:
         self.band.origin = (self.origin[0] + self.z0, *self.origin[1:])
         self.added = [(w, g) for w, g in self.added if w[0].stop > self.origin[0] + self.z0]
 
-    def result(self) -> torch.Tensor:
-        """The label map of the region (uint8, on the CPU)."""
+    def result(self) -> torch.Tensor | None:
+        """The label map of the region (uint8, on the CPU); None with a sink, which has had every slice."""
         self.finish_before(self.origin[0] + self.shape[0])
         return self.labels
