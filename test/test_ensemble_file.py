@@ -151,10 +151,18 @@ def test_member_without_a_model_says_what_it_holds(two_models):
         read_ensemble(two_models)
 
 
-def test_nested_ensemble_is_refused(two_models):
+def test_nested_ensemble_is_refused(two_models, weights):
     write_file(two_models / "b", {"models": [{"folder": "x"}]})
     write_file(two_models, {"models": [{"folder": "a"}, {"folder": "b"}]})
-    with pytest.raises(ModelError, match="is an ensemble itself"):
+    with pytest.raises(ModelError, match="'b' is an ensemble itself"):
+        read_ensemble(two_models)
+    # an ensemble folder of its own (two models, no model files at its root) as a member
+    inner = two_models / "inner"
+    model_copy(weights, inner / "x")
+    model_copy(weights, inner / "y")
+    write_file(inner, {"models": [{"folder": "x"}, {"folder": "y"}]})
+    write_file(two_models, {"models": [{"folder": "a"}, {"folder": "inner"}]})
+    with pytest.raises(ModelError, match="'inner' is an ensemble itself"):
         read_ensemble(two_models)
 
 

@@ -122,12 +122,12 @@ def _member_folder(root: Path, folder: object, where: str) -> Path:
         raise ModelError(f"{where}: folder {folder!r} leads outside {root} (a symbolic link to {path.resolve()})")
     if not path.is_dir():
         raise ModelError(f"{where}: folder {folder!r} does not exist in {root}")
+    if locate_ensemble(path) is not None:
+        raise ModelError(f"{where}: folder {folder!r} is an ensemble itself; list its models instead")
     located = locate_model(path)  # the model itself, or the one model below it; else what it holds
     if not located.resolve().is_relative_to(inside):
         raise ModelError(f"{where}: the model in {folder!r} leads outside {root} (a symbolic link to "
                          f"{located.resolve()})")
-    if (located / ENSEMBLE).exists():
-        raise ModelError(f"{where}: {located} is an ensemble itself; list its members instead")
     return located
 
 
