@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbctseg.model.layout import default_model_folder, gc_model_dir, is_empty, locate_model
+from cbctseg.model.layout import _visible, default_model_folder, gc_model_dir, is_empty, locate_model
 from cbctseg.model.manifest import FOLD_NAME, ModelError, _norm
 
 ENSEMBLE = "ensemble.json"
@@ -61,10 +61,6 @@ def normalised_weights(members: Sequence[Member]) -> list[float]:
     return [m.weight / total for m in members]
 
 
-def _visible_dirs_and_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX")
-
-
 def locate_ensemble(root: Path) -> Path | None:
     """The ensemble folder in root: root itself when it holds ensemble.json, else the one folder root holds when
     that one does (`tar czf model.tar.gz myensemble/`); None when there is no ensemble file there."""
@@ -72,7 +68,7 @@ def locate_ensemble(root: Path) -> Path | None:
     if (root / ENSEMBLE).exists() or (root / ENSEMBLE).is_symlink():
         return root
     try:
-        entries = _visible_dirs_and_files(root)
+        entries = _visible(root)  # packing debris (dot files, __MACOSX/) aside
     except OSError:
         return None
     if len(entries) == 1 and entries[0].is_dir() and (entries[0] / ENSEMBLE).exists():
