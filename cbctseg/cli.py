@@ -11,7 +11,8 @@ from cbctseg import options
 
 log = logging.getLogger("cbctseg")
 
-SUBCOMMANDS = ("predict", "train", "phantom", "evaluate", "cutoffs", "compile", "export-triton", "cohort", "seal")
+SUBCOMMANDS = ("predict", "train", "phantom", "evaluate", "cutoffs", "compile", "export-triton", "cohort", "seal",
+               "ensemble")
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -126,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     cohort.add_arguments(sub.add_parser("cohort", help="many cases, K in flight, resumable (local or Triton)"))
     _seal_parser(sub.add_parser("seal", help="write a model folder's checksums.json (its folds and their sha256), "
                                              "which every run verifies before loading"))
+    from cbctseg.model import ensemble_build
+
+    ensemble_build.add_arguments(sub.add_parser(
+        "ensemble", help="model folders -> an ensemble folder (ensemble.json and its models), to pack as a model "
+                         "tarball"))
     return parser
 
 
@@ -246,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cbctseg import cohort
+    from cbctseg.model import ensemble_build
     from cbctseg.networks import compile_cache, triton_export
 
     commands = {"predict": cmd_predict, "train": cmd_train, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
                 "cutoffs": cmd_cutoffs, "compile": compile_cache.run_from_args,
-                "export-triton": triton_export.run_from_args, "cohort": cohort.run_from_args, "seal": cmd_seal}
+                "export-triton": triton_export.run_from_args, "cohort": cohort.run_from_args, "seal": cmd_seal,
+                "ensemble": ensemble_build.run_from_args}
     return commands[args.command](args)

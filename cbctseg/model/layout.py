@@ -93,7 +93,8 @@ def locate_model(root: Path) -> Path:
             return found[0]
         if found:
             names = ", ".join(str(p.relative_to(root)) + "/" for p in found)
-            raise ModelError(f"{root} holds {len(found)} models ({names}); it must hold one")
+            raise ModelError(f"{root} holds {len(found)} models ({names}); it must hold one, or an ensemble.json "
+                             f"at its root listing them (README, 'Ensembles')")
         listing = _listing(root)
     except OSError as e:
         raise ModelError(f"{root}: cannot be read ({e})") from None
