@@ -29,8 +29,10 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", type=Path, default=Path("/input"),
                    help="grand-challenge input root (inputs.json or images/cbct/*.mha) or a folder of .mha files")
     p.add_argument("--output", type=Path, default=Path("/output"), help="output root (default /output)")
-    p.add_argument("--weights", type=Path, default=None,
-                   help="nnU-Net model folder (default: /opt/ml/model when it holds a model, else weights/)")
+    p.add_argument("--weights", type=Path, action="append", default=None,
+                   help="nnU-Net model folder, or an ensemble folder (ensemble.json); give it several times to "
+                        "ensemble models with different plans (default: /opt/ml/model when it holds a model, "
+                        "else weights/)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")
     p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: all in the model folder)")
     p.add_argument("--step-size", type=options.step_size, default=0.5, help="sliding-window step as a fraction of the patch")

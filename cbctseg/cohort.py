@@ -23,13 +23,12 @@ import torch
 from tqdm import tqdm
 
 from cbctseg.io import gc_io
-from cbctseg.model.loading import ModelError, default_model_folder, load_model
+from cbctseg.model.loading import ModelError
 from cbctseg.options import ACCUMULATIONS, CaseOptions, positive_int, step_size
-from cbctseg.resources import label_map, task
+from cbctseg.resources import task
 from cbctseg.inference.schedule import Budget
 from cbctseg.inference.ensemble import LoadedModel
-from cbctseg.networks.backend import BackendSlot
-from cbctseg.networks.triton_backend import TritonError, add_backend_arguments, triton_backend
+from cbctseg.networks.triton_backend import TritonError, add_backend_arguments
 
 log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -127,8 +126,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", type=Path, required=True,
                    help="folder of images (as for predict) or a list file (.txt: one image path a line)")
     p.add_argument("--output", type=Path, required=True, help="output root (label maps as for predict)")
-    p.add_argument("--weights", type=Path, default=None,
-                   help="nnU-Net model folder (default: /opt/ml/model when it holds a model, else weights/)")
+    p.add_argument("--weights", type=Path, action="append", default=None,
+                   help="nnU-Net model folder, or an ensemble folder (ensemble.json); give it several times to "
+                        "ensemble models with different plans (default: /opt/ml/model when it holds a model, "
+                        "else weights/)")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (pre- and post-processing; "
                    "the networks too with --backend local)")
     p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: all in the model folder)")
@@ -146,16 +147,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     """The `cohort` subcommand: 0 when no case failed, 1 when some did, 2 when nothing could start."""
     from cbctseg.networks.device import select_device
+    from cbctseg.run import load_models
 
     t0 = time.monotonic()
     try:
         device = select_device(args.device)
         cases = read_cases(args.input, args.output)
-        weights = args.weights or default_model_folder(APP_DIR / "weights")
-        # with Triton the local networks only stand in until replaced: keep them off the GPU
-        model = load_model(weights, args.folds, torch.device("cpu") if args.backend == "triton" else device,
-                           expected_classes=label_map().num_classes)
-        members = [LoadedModel(model, BackendSlot(triton_backend(args, weights, model.folds)))]
+        members = load_models(args, device)
     except (ValueError, ModelError, TritonError) as e:  # InputError is a ValueError
         log.error("cohort: %s", e)
         return 2
@@ -163,7 +161,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     log.info("cohort: %d case(s), %d worker(s), backend %s", len(cases), args.workers, args.backend)
     reports = run_cohort(cases, members, device, options, args.workers, args.time_budget or None, args.overwrite)
     summary = summarize(reports, time.monotonic() - t0, input=str(args.input), output=str(args.output),
-                        weights=str(weights), folds=model.folds, backend=args.backend,
+                        weights=[str(m.model.folder) for m in members], folds=[m.model.folds for m in members],
+                        backend=args.backend,
                         triton_url=args.triton_url if args.backend == "triton" else None, workers=args.workers)
     path = args.summary or Path(args.output) / "cohort_summary.json"
     write_json(summary, path)

@@ -17,7 +17,8 @@ import torch
 from cbctseg.io import gc_io, preflight
 from cbctseg.networks.device import describe, free_memory, peak_memory_gb, select_device
 from cbctseg.inference.finalize import finalize
-from cbctseg.model.loading import Model, ModelError, default_model_folder, load_model
+from cbctseg.model.ensemble import check_member_labels, members_for
+from cbctseg.model.loading import Model, ModelError, load_model
 from cbctseg.options import CaseOptions
 from cbctseg.inference.postprocess import to_fdi
 from cbctseg.inference.ensemble import LoadedModel, ProbabilitySum, sums_device
@@ -200,15 +201,15 @@ def _predict_ensemble(vol: gc_io.Volume, members: list[LoadedModel], device: tor
     num_classes = members[0].model.num_classes
     sums = ProbabilitySum(num_classes, tuple(vol.array.shape), sums_device(num_classes, vol.array.shape, device))
     pres = [_preprocessed(vol, m.model, device, t) for m in members]
+    plans = [plan_case(tuple(p.data.shape[1:]), m.model.patch_size, options.step_size, len(m.model.folds),
+                       m.model.mirror_axes, options.mirroring) for m, p in zip(members, pres)]
     # the first pass of each model, in window forwards weighted by the patch's voxels
-    first_pass = [len(plan_case(tuple(p.data.shape[1:]), m.model.patch_size, options.step_size, len(m.model.folds),
-                                m.model.mirror_axes, options.mirroring).windows) * float(np.prod(m.model.patch_size))
-                  for m, p in zip(members, pres)]
+    first_pass = [len(plan.windows) * float(np.prod(m.model.patch_size)) for m, plan in zip(members, plans)]
     runs: list[dict] = []
     s_per_voxel = None  # seconds per window voxel of the model run last
     for k, (member, pre) in enumerate(zip(members, pres)):
         model, volume = member.model, float(np.prod(member.model.patch_size))
-        run = {"model": model.describe(), "weight": member.weight}
+        run = {"model": model.describe(), "weight": member.weight, "items_planned": len(plans[k].items)}
         runs.append(run)
         if k > 0 and s_per_voxel is not None and not budget.allows(s_per_voxel * first_pass[k]):
             run.update(status="skipped", reason=f"time budget: {budget.left():.1f} s left, its first pass needs "
@@ -243,11 +244,11 @@ def _ensemble_prediction(runs: list[dict]) -> dict:
     out: dict = {"items_planned": 0, "items_done": 0, "passes_done": [], "skipped": [], "models": runs}
     for k, r in enumerate(runs):
         name = f"model {k + 1} ({r['model']['configuration']})"
+        out["items_planned"] += r["items_planned"]
         if r["status"] == "skipped":
             out["skipped"].append(f"{name}: not run ({r['reason']})")
             continue
         p = r["prediction"]
-        out["items_planned"] += p["items_planned"]
         out["items_done"] += p["items_done"]
         out["passes_done"] += [f"{name} {s}" for s in p["passes_done"]]
         out["skipped"] += [f"{name} {s}" for s in p["skipped"]]
@@ -341,6 +342,29 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
+def load_models(args: argparse.Namespace, device: torch.device) -> list[LoadedModel]:
+    """The run's models (`model.ensemble.members_for`: --weights, an ensemble file, the bundled weights), their
+    label maps compared before any network loads, each loaded and verified, each with its backend slot.
+
+    Raises ModelError or TritonError."""
+    specs = members_for(args.weights, APP_DIR / "weights", args.folds)
+    check_member_labels(specs)
+    on_triton = getattr(args, "backend", "local") == "triton"
+    if on_triton and len(specs) > 1:
+        raise ModelError(f"--backend triton serves one model; this run has {len(specs)} (an ensemble): run it "
+                         "with --backend local")
+    models = []
+    for spec in specs:
+        # with Triton the local networks only stand in for the served ones: keep them off the GPU
+        model = load_model(spec.folder, spec.fold_list, torch.device("cpu") if on_triton else device,
+                           expected_classes=label_map().num_classes)
+        models.append(LoadedModel(model, BackendSlot(triton_backend(args, model.folder, model.folds)), spec.weight))
+    if len(models) > 1:
+        log.info("ensemble of %d models: %s", len(models), ", ".join(
+            f"{m.model.folder} ({m.model.configuration_name}, weight {m.weight:g})" for m in models))
+    return models
+
+
 def predict_main(args: argparse.Namespace) -> int:
     """The predict command. Exit code: 0 when at least one case was written, 1 when none was (every case failed)
     or on an unexpected error, 2 when the run cannot start (output, temporary directory, budget, device, inputs,
@@ -400,14 +424,9 @@ def _predict_cases(args: argparse.Namespace, run: RunRecord) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     log.info("environment: %s", json.dumps(describe(device)))
-    weights = args.weights or default_model_folder(APP_DIR / "weights")
     try:
         t0 = time.monotonic()
-        # with Triton the local networks only stand in until replaced: keep them off the GPU
-        on_triton = getattr(args, "backend", "local") == "triton"
-        model = load_model(weights, args.folds, torch.device("cpu") if on_triton else device,
-                           expected_classes=label_map().num_classes)
-        members = [LoadedModel(model, BackendSlot(triton_backend(args, weights, model.folds)))]
+        members = load_models(args, device)
         log.info("model loaded in %.1f s", time.monotonic() - t0)
     except (ModelError, TritonError) as e:
         return _start_error(run, f"cannot load the model: {e}")

@@ -34,7 +34,7 @@ def write_phantom(path: Path, **kw) -> tuple[sitk.Image, sitk.Image]:
 
 def run_process(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """python process.py ARGS in a fresh process, as grand-challenge would start it (the test weights by default)."""
-    if "--weights" not in args and (not args or args[0] not in ("train", "phantom", "evaluate", "cutoffs")):
+    if "--weights" not in args and (not args or args[0] not in ("train", "phantom", "evaluate", "cutoffs", "ensemble")):
         args = (*args, "--weights", str(WEIGHTS))
     return subprocess.run([sys.executable, str(REPO / "process.py"), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)

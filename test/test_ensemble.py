@@ -1,0 +1,182 @@
+"""An ensemble of two models with different plans against nnU-Net's own: nnUNetPredictor per model with its
+probabilities saved, then nnunetv2's ensembling (test/ensemble_reference.py). The second model is the demo
+weights under a coarser configuration, so that it resamples and the first does not. Also: the budget across
+models, on a fake clock."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from cbctseg.inference.ensemble import LoadedModel
+from cbctseg.inference.schedule import Budget
+from cbctseg.io import gc_io
+from cbctseg.model.layout import MODEL_DIR_ENV
+from cbctseg.model.loading import load_model
+from cbctseg.networks.backend import BackendSlot, LocalBackend
+from cbctseg.options import CaseOptions
+from cbctseg.run import predict_case
+from conftest import REPO, run_process, write_phantom
+from ensemble_reference import ENSEMBLE_CASE, make_second_configuration, nnunet_reference
+
+CPU = torch.device("cpu")
+OUT = "images/oral-pharyngeal-segmentation"
+
+
+def structures(labels: np.ndarray) -> list[int]:
+    return sorted(int(v) for v in np.unique(labels) if v)
+
+
+@pytest.fixture(scope="module")
+def coarse(tmp_path_factory, weights):
+    return make_second_configuration(weights, tmp_path_factory.mktemp("models") / "coarse", spacing_factor=1.5)
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory, weights, coarse):
+    """Our one-pass ensemble (process.py, --weights twice) and nnU-Net's reference, computed at the same time."""
+    root = tmp_path_factory.mktemp("ensemble")
+    image, _ = write_phantom(root / "in" / "case.mha", **ENSEMBLE_CASE)
+    ref: dict = {}
+    thread = threading.Thread(target=lambda: ref.update(ref=nnunet_reference(
+        image, [weights, coarse], (0, 1), root / "ref", preprocessed_shapes=True)))
+    thread.start()
+    r = run_process("--input", str(root / "in"), "--output", str(root / "out"), "--weights", str(weights),
+                    "--weights", str(coarse), "--step-size", "0.5", "--report", str(root / "report.json"))
+    thread.join()
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "out" / OUT / "case.mha")))
+    return image, ours, ref["ref"], json.loads((root / "report.json").read_text())[0]
+
+
+def test_ensemble_agrees_with_nnunet_predictor_and_ensembling(ensemble_run):
+    image, ours, ref, report = ensemble_run
+    assert ours.shape == ref.labels.shape == sitk.GetArrayFromImage(image).shape
+    agreement = float((ours == ref.labels).mean())
+    decided = ref.margin >= 0.01
+    wrong_decided = int((ours[decided] != ref.labels[decided]).sum())
+    print(f"voxel agreement with nnU-Net's ensemble: {agreement:.6f}; {wrong_decided} differing voxels where "
+          f"nnU-Net's top-two margin >= 0.01; margin < 0.01 on {float((~decided).mean()):.6f} of the voxels")
+    assert agreement >= 0.999
+    assert wrong_decided == 0
+    # both models ran, all their work, each in its own configuration
+    models = report["prediction"]["models"]
+    assert [m["model"]["configuration"] for m in models] == ["3d_fullres_torchres_tiny",
+                                                              "3d_fullres_torchres_tiny_coarse"]
+    assert all(m["status"] == "done" and not m["prediction"]["skipped"] for m in models)
+    assert report["prediction"]["items_done"] == report["prediction"]["items_planned"] == 2 * 8 + 1 * 8  # windows x (2 folds x 4 flips)
+
+
+def test_the_reference_is_a_meaningful_oracle(ensemble_run):
+    """The coarse model resamples and the other does not, both segment, and neither alone gives the ensemble."""
+    image, _, ref, report = ensemble_run
+    shape = sitk.GetArrayFromImage(image).shape
+    assert ref.preprocessed_shapes[0] == shape
+    assert ref.preprocessed_shapes[1] == tuple(round(s / 1.5) for s in shape)
+    assert report["network_input_shape"] == [list(s) for s in ref.preprocessed_shapes]
+    for labels in (ref.labels, *ref.model_labels):
+        assert len(structures(labels)) >= 2 and float((labels > 0).mean()) >= 0.01
+    decided = ref.margin >= 0.01
+    # where nnU-Net's ensemble is decided, neither model alone decides it everywhere: one model is not enough
+    assert all(bool((m[decided] != ref.labels[decided]).any()) for m in ref.model_labels)
+
+
+def test_an_ensemble_tarball_runs_with_no_flags(ensemble_run, tmp_path, weights, coarse):
+    """`process.py ensemble` packs both models; unpacked where grand-challenge puts a model tarball, the container's
+    plain `process.py` (no --weights) runs the ensemble and gives the same label map as --weights twice."""
+    built = tmp_path / "model"
+    r = run_process("ensemble", "--out", str(built), "--member", str(weights), "--member", str(coarse))
+    assert r.returncode == 0, r.stderr[-2000:]
+    image, ours, _, _ = ensemble_run
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(image, str(tmp_path / "in" / "case.mha"))
+    env = {**os.environ, MODEL_DIR_ENV: str(built)}
+    r = subprocess.run([sys.executable, str(REPO / "process.py"), "--input", str(tmp_path / "in"), "--output",
+                        str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ensemble of 2 models" in r.stderr
+    again = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / OUT / "case.mha")))
+    np.testing.assert_array_equal(again, ours)
+
+
+def test_models_that_label_differently_are_refused_before_any_case(tmp_path, weights, coarse):
+    other = tmp_path / "other"
+    shutil.copytree(coarse, other)
+    dataset = json.loads((other / "dataset.json").read_text())
+    swap = {"Left Maxillary Sinus": "Right Maxillary Sinus", "Right Maxillary Sinus": "Left Maxillary Sinus"}
+    dataset["labels"] = {swap.get(k, k): v for k, v in dataset["labels"].items()}
+    (other / "dataset.json").write_text(json.dumps(dataset))
+    write_phantom(tmp_path / "in" / "case.mha", shape=(16, 32, 32), seed=1)
+    r = run_process("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", str(weights),
+                    "--weights", str(other))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "label differently" in r.stderr and str(other) in r.stderr
+    assert not (tmp_path / "out" / OUT).exists() or not any((tmp_path / "out" / OUT).iterdir())
+    assert "label differently" in (tmp_path / "out" / "results.json").read_text()
+
+
+class Ticking(torch.nn.Module):
+    """A network whose every forward call moves a fake clock by `seconds` per window."""
+
+    def __init__(self, net, clock, seconds):
+        super().__init__()
+        self.net, self.clock, self.seconds, self.windows = net, clock, seconds, 0
+
+    def forward(self, x):
+        self.clock.t += self.seconds * x.shape[0]
+        self.windows += x.shape[0]
+        return self.net(x)
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def _ticking(folder, clock, seconds):
+    model = load_model(folder, device=CPU)
+    nets = [Ticking(n, clock, seconds) for n in model.networks]
+    return LoadedModel(model, BackendSlot(LocalBackend(nets, CPU, {"kind": "fake clock"}))), nets
+
+
+@pytest.mark.parametrize("budget_s, expect", [(40.0, "all"), (15.0, "first cut"), (6.0, "second skipped")])
+def test_budget_spans_the_models(tmp_path, weights, coarse, budget_s, expect):
+    """On a fake clock, 1 s per window: model 1 has 2 windows x 2 folds x 4 flips (16 s), model 2 1 window x 8
+    (8 s); about 4.4 s are kept for finalizing. Model 1's optional work stops where model 2's first pass would
+    no longer fit after it; with no time for that pass, model 2 is skipped and named in the report. Every
+    outcome is a complete label map."""
+    write_phantom(tmp_path / "in" / "case.mha", **ENSEMBLE_CASE)
+    case = gc_io.Case("case.mha", tmp_path / "in" / "case.mha", tmp_path / "out" / "case.mha")
+    clock = FakeClock()
+    first, _ = _ticking(weights, clock, 1.0)
+    second, second_nets = _ticking(coarse, clock, 1.0)
+    report = predict_case(case, [first, second], CPU, CaseOptions(progress=False),
+                          Budget(clock.t + budget_s, clock=clock))
+    pred = report["prediction"]
+    print(json.dumps({k: v for k, v in pred.items() if k != "models"}))
+    one, two = pred["models"]
+    assert one["status"] == "done" and one["prediction"]["items_done"] >= 2  # its first pass
+    if expect == "all":
+        assert pred["items_done"] == pred["items_planned"] == 24 and not pred["skipped"]
+    elif expect == "first cut":
+        # model 1 stopped early enough that model 2's first pass still ran
+        assert 2 < one["prediction"]["items_done"] < 16 and one["prediction"]["skipped"]
+        assert two["status"] == "done" and two["prediction"]["items_done"] >= 1
+        assert all("time budget" in s for s in pred["skipped"])
+    else:
+        assert two["status"] == "skipped" and "time budget" in two["reason"]
+        assert sum(n.windows for n in second_nets) == 0
+        assert any(s.startswith("model 2") and "not run" in s for s in pred["skipped"])
+    assert clock.t <= 1000.0 + budget_s
+    assert sitk.ReadImage(str(case.output_path)).GetSize() == sitk.ReadImage(str(case.path)).GetSize()
