@@ -72,9 +72,10 @@ COPY cbctseg/ /opt/app/cbctseg/
 COPY resources/ /opt/app/resources/
 COPY weights/ /opt/app/weights/
 # Bytecode is compiled now because PYTHONDONTWRITEBYTECODE (and a read-only app) stop it at run time.
-# The weights must match their checksums.json (else the build fails); demo weights print a WARNING banner.
+# The weights (one model, or each model of an ensemble.json) must match their checksums.json (else the build
+# fails); demo weights print a WARNING banner.
 RUN python -m compileall -q /opt/app/cbctseg /opt/app/process.py \
-    && python -m cbctseg.model.manifest /opt/app/weights
+    && python -m cbctseg.model.ensemble /opt/app/weights
 
 # Numeric, so the host can resolve it without the image's /etc/passwd (hadolint DL3066).
 USER 1000:1000

@@ -10,7 +10,12 @@ report. A guard kills a run whose resident set passes --rss-limit-gb (recorded a
 version that would take the machine's memory cannot.
 
     python bench/host_memory.py [--shapes 8x512x512 298x512x512] [--device cpu] [--folds 0] [--no-mirroring]
-        [--code DIR] [--label after] [--machine "..."] [--out bench/results/host_memory/DATE-LABEL.json]
+        [--ensemble-spacing 1.5] [--code DIR] [--label after] [--machine "..."]
+        [--out bench/results/host_memory/DATE-LABEL.json]
+
+--ensemble-spacing F runs an ensemble instead of one model: the model and a copy of it under a configuration
+whose spacing is F times coarser (it resamples; the first does not), packed by `process.py ensemble` with
+--folds as each member's folds.
 
 --code DIR runs another checkout's process.py (e.g. the code before a change) on the same model and cases.
 """
@@ -65,13 +70,31 @@ def write_case(folder: Path, shape: tuple[int, ...]) -> Path:
     return path
 
 
+def make_ensemble(model: Path, work: Path, factor: float, folds: list[str] | None) -> Path:
+    """An ensemble folder of `model` and its copy at `factor` times the spacing (built once, kept in work)."""
+    sys.path.insert(0, str(REPO / "test"))
+    from ensemble_reference import make_second_configuration
+
+    coarse = work / f"{model.name}-coarse{factor:g}"
+    if not (coarse / "plans.json").is_file():
+        make_second_configuration(model, coarse, spacing_factor=factor)
+    out = work / f"ensemble-{model.name}-{factor:g}-folds{'-'.join(folds or ['all'])}"
+    if not (out / "ensemble.json").is_file():
+        member_args = []
+        for m in (model, coarse):
+            member_args += ["--member", str(m)] + (["--folds", *folds] if folds else [])
+        subprocess.run([sys.executable, str(REPO / "process.py"), "ensemble", "--out", str(out), *member_args],
+                       check=True, cwd=REPO)
+    return out
+
+
 def run_case(code: Path, case: Path, model: Path, out: Path, args: argparse.Namespace) -> dict:
     """process.py on one case in a fresh process: peak RSS, wall time, exit status, the case report."""
     report_file = out / "report.json"
     cmd = [sys.executable, str(code / "process.py"), "--input", str(case.parent), "--output", str(out / "output"),
            "--weights", str(model), "--device", args.device, "--step-size", str(args.step_size),
            "--time-budget", "0", "--compile", args.compile, "--report", str(report_file)]
-    if args.folds:
+    if args.folds and not args.ensemble_spacing:  # an ensemble file lists its members' folds
         cmd += ["--folds", *args.folds]
     if args.no_mirroring:
         cmd.append("--no-mirroring")
@@ -109,7 +132,8 @@ def run_case(code: Path, case: Path, model: Path, out: Path, args: argparse.Name
     if report:
         result.update({"status": report.get("status"), "error": report.get("error"),
                        "peak_gpu_memory_gb": report.get("peak_gpu_memory_gb"),
-                       "accumulation": report.get("prediction", {}).get("accumulation"),
+                       "accumulation": report.get("prediction", {}).get("accumulation") or [
+                           m.get("prediction", {}).get("accumulation") for m in report["prediction"].get("models", [])],
                        "windows": report.get("prediction", {}).get("windows"),
                        "passes_done": report.get("prediction", {}).get("items_done"),
                        "seconds": report.get("seconds")})
@@ -139,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--code", type=Path, default=REPO, help="checkout whose process.py runs (default: this one)")
     p.add_argument("--label", default="current", help="names the run in the result file")
     p.add_argument("--machine", default=platform.node(), help="how the result names this machine")
+    p.add_argument("--ensemble-spacing", type=float, default=None,
+                   help="run an ensemble of the model and a copy at this many times its spacing")
     p.add_argument("--rss-limit-gb", type=float, default=12.0, help="kill a run whose resident set passes this")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cbctseg-host-memory",
                    help="model folder and cases are kept here between runs")
@@ -154,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (model / "plans.json").is_file():
             make_model_folder(model, folds=(0, 1), features=None if a.full_width else NARROW_FEATURES,
                               blocks=None if a.full_width else NARROW_BLOCKS)
+    if a.ensemble_spacing:
+        model = make_ensemble(model, a.work, a.ensemble_spacing, a.folds)
     date = datetime.date.today().isoformat()
     # not results/*.json: bench.py table reads those
     out = a.out or BENCH / "results" / "host_memory" / f"{date}-{a.label}.json"
@@ -164,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                      "step_size": a.step_size, "compile": a.compile, "configuration": TF2_CONFIGURATION,
                      "network": "ToothFairy2 width" if a.full_width else
                      f"narrowed: features {NARROW_FEATURES}, blocks {NARROW_BLOCKS}",
-                     "model": str(model), "spacing_mm": TF2_SPACING},
+                     "model": str(model), "spacing_mm": TF2_SPACING, "ensemble_spacing_factor": a.ensemble_spacing},
         "runs": [],
     }
     for shape_text in a.shapes:
