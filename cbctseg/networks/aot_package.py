@@ -101,7 +101,11 @@ class AotNetwork(torch.nn.Module):
         self._runner.load_constants(constants, user_managed=True)
         # user_managed: the runner reads these tensors without owning them; holding them keeps them alive
         self._bound = constants
-        self._ptr = next(self.net.parameters()).data_ptr()
+        self._ptr = self._pointers()
+
+    def _pointers(self) -> tuple[int, ...]:
+        # every parameter's: a moved network's first parameter may land where it was while others do not
+        return tuple(p.data_ptr() for p in self.net.parameters())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         param = next(self.net.parameters())
@@ -111,7 +115,7 @@ class AotNetwork(torch.nn.Module):
                 log.info("%s: input %s %s is not the package's %s %s: the network runs it", self.name,
                          tuple(x.shape), _name(x.dtype), self.shape, _name(self.dtype))
             return self.net(x)
-        if param.data_ptr() != self._ptr:
+        if self._pointers() != self._ptr:
             self._bind()
         return self._runner(x.contiguous())
 
