@@ -1,9 +1,11 @@
 """Shared fixtures: the bundled weights, phantom cases on disk, and running process.py as a real process."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,12 +34,41 @@ def write_phantom(path: Path, **kw) -> tuple[sitk.Image, sitk.Image]:
     return image, label
 
 
-def run_process(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """python process.py ARGS in a fresh process, as grand-challenge would start it (the test weights by default)."""
+def start_process(*args: str) -> subprocess.Popen:
+    """Start python process.py ARGS in a fresh process, as grand-challenge would (the test weights by default)."""
     if "--weights" not in args and (not args or args[0] not in ("train", "phantom", "evaluate", "cutoffs")):
         args = (*args, "--weights", str(WEIGHTS))
-    return subprocess.run([sys.executable, str(REPO / "process.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.Popen([sys.executable, str(REPO / "process.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def finish_process(proc: subprocess.Popen, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Wait for a process from start_process; its exit code and output."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_process(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """python process.py ARGS in a fresh process, as grand-challenge would start it (the test weights by default)."""
+    return finish_process(start_process(*args), timeout)
+
+
+@contextlib.contextmanager
+def process_in_background(*args: str, timeout: float = 900) -> Iterator[Callable[[], subprocess.CompletedProcess]]:
+    """process.py ARGS running while the block computes something else (a reference); call the yielded function
+    for its result. Killed if the block ends without waiting for it."""
+    proc = start_process(*args)
+    try:
+        yield lambda: finish_process(proc, timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")
