@@ -53,6 +53,18 @@ def finish_process(proc: subprocess.Popen, timeout: float = 900) -> subprocess.C
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def finish_processes(procs: dict, timeout: float = 900) -> dict:
+    """Wait for every process of {key: process from start_process}; {key: its result}. Those still running
+    when one fails to finish are killed."""
+    try:
+        return {key: finish_process(proc, timeout) for key, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def run_process(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """python process.py ARGS in a fresh process, as grand-challenge would start it (the test weights by default)."""
     return finish_process(start_process(*args), timeout)
