@@ -1,4 +1,10 @@
-"""Shared fixtures: the bundled weights, phantom cases on disk, and running process.py as a real process."""
+"""Shared fixtures: the bundled weights, phantom cases on disk, and running process.py as a real process.
+
+Parallel streams: run_tests.sh may start several pytest processes on the same selection, with
+CBCTSEG_TEST_CLAIMS naming a folder they share. Each stream walks the test modules in the same order (the
+longest first) and runs a module only if it is the first to claim it there, so every module runs once, in one
+process, with its module fixtures.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +16,11 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+
+CLAIMS = os.environ.get("CBCTSEG_TEST_CLAIMS")
+# modules that take longest alone: started first, so that no stream is left with a long one at the end
+LONGEST_FIRST = ("test_training.py", "test_logit_overflow.py", "test_oracle.py", "test_budget.py",
+                 "test_aot_package.py", "test_memory_bounds.py", "test_triton.py", "test_hardening_io.py")
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = Path(os.environ.get("CBCTSEG_TEST_WEIGHTS", REPO / "weights"))
@@ -24,6 +35,13 @@ from cbctseg.training.phantom import PhantomSpec, make_phantom
 
 # a non-identity direction: axes permuted and flipped, as a scanner may store them
 OBLIQUE = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def default_threads_env() -> dict[str, str]:
+    """The environment without a thread limit the test streams set (run_tests.sh): torch's default threads, as a
+    user's run has them. oneDNN chooses its layouts by its thread count, and with them the memory a convolution
+    holds: memory measurements run this way."""
+    return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 
 
 def write_phantom(path: Path, **kw) -> tuple[sitk.Image, sitk.Image]:
@@ -88,3 +106,31 @@ def weights() -> Path:
     if not (WEIGHTS / "plans.json").is_file():
         pytest.fail(f"bundled weights missing in {WEIGHTS}")
     return WEIGHTS
+
+
+def pytest_collection_modifyitems(config, items):
+    """With parallel streams: the modules in the order the streams take them (each module's tests in order)."""
+    if not CLAIMS:
+        return
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    modules = list(dict.fromkeys(item.path for item in items))
+    order = {path: (rank.get(path.name, len(rank)), i) for i, path in enumerate(modules)}
+    items.sort(key=lambda item: order[item.path])
+
+
+_claimed: dict[Path, bool] = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With parallel streams: run the item if this stream claims (or claimed) its module, else pass it by."""
+    if not CLAIMS:
+        return None
+    if item.path not in _claimed:
+        marker = Path(CLAIMS) / (str(item.path.relative_to(REPO)).replace(os.sep, "__") + ".claim")
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            _claimed[item.path] = True
+        except FileExistsError:
+            _claimed[item.path] = False
+    return None if _claimed[item.path] else True

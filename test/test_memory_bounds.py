@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from cbctseg.inference.stitching import CHUNK_BYTES
-from conftest import REPO, WEIGHTS, write_phantom
+from conftest import REPO, WEIGHTS, default_threads_env, write_phantom
 
 CLASSES = 43
 
@@ -29,7 +29,7 @@ def start_run(tmp_path, name: str, shape: tuple[int, int, int], spacing: tuple[f
             "--time-budget", "0"]
     with open(tmp_path / f"{name}.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(REPO / "process.py"), *args], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=log)
+                                stdout=subprocess.DEVNULL, stderr=log, env=default_threads_env())
     return tmp_path, name, proc
 
 
@@ -91,7 +91,7 @@ def test_the_segmentation_layer_holds_its_output_once_on_the_cpu(weights, how):
     """The 43-channel output of a window is the forward pass's largest tensor (2.8 GB for a 160x320x320 window
     in fp32); oneDNN's convolution writes it in its blocked layout and converts it, holding it about twice."""
     r = subprocess.run([sys.executable, "-c", SEG_LAYER_PEAK, str(WEIGHTS), how], capture_output=True, text=True,
-                       cwd=REPO, timeout=300)
+                       cwd=REPO, timeout=300, env=default_threads_env())
     assert r.returncode == 0, r.stderr[-3000:]
     growth, output, contiguous, err = r.stdout.split()
     growth, output = int(growth), int(output)
