@@ -18,7 +18,9 @@ import torch
 from cbctseg.training.phantom import write_raw_dataset
 from conftest import REPO, run_process, write_phantom
 
-TINY = ["--configuration", "3d_fullres_torchres_tiny", "--device", "cpu", "--da-workers", "1"]
+# one process for fingerprint, preprocessing and export, augmentation in the training process: nnU-Net spawns
+# each helper process afresh (torch and nnU-Net imported again), which costs more than these 2-case steps
+TINY = ["--configuration", "3d_fullres_torchres_tiny", "--device", "cpu", "--da-workers", "0", "--processes", "1"]
 MODEL_DIR = "nnUNet_results_model{m}/Dataset119_ToothFairy2/nnUNetTrainer_onlyMirror01_custom__" \
             "nnUNetResEncUNetLPlans_torchres__3d_fullres_torchres_tiny/fold_all"
 
