@@ -17,8 +17,10 @@ if (( streams <= 1 )); then
 fi
 claims="$(mktemp -d)"
 trap 'rm -rf "$claims"' EXIT
-# one stream's threads per core share; more threads than cores make torch's threads wait on each other
+# each stream's threads on its share of the cores; threads beyond (nnU-Net's training takes every core) wait
+# asleep rather than spinning, where they would take the cores from the other stream
 export CBCTSEG_TEST_CLAIMS="$claims" OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / streams > 0 ? cores / streams : 1 ))}"
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 pids=()
 for (( k = 1; k < streams; k++ )); do
   "$venv/bin/python" -m pytest "$@" > "$claims/stream$k.log" 2>&1 &
