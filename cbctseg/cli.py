@@ -107,33 +107,64 @@ def _seal_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demo", action="store_true", help="mark the weights as a demo: every run warns")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    from cbctseg.evaluation.evaluate import add_arguments
+
+    add_arguments(p)
+
+
+def _compile_arguments(p: argparse.ArgumentParser) -> None:
+    from cbctseg.networks import compile_cache
+
+    compile_cache.add_arguments(p)
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    from cbctseg.networks import triton_export
+
+    triton_export.add_arguments(p)
+
+
+def _cohort_arguments(p: argparse.ArgumentParser) -> None:
+    from cbctseg import cohort
+
+    cohort.add_arguments(p)
+
+
+def _ensemble_arguments(p: argparse.ArgumentParser) -> None:
+    from cbctseg.model import ensemble_build
+
+    ensemble_build.add_arguments(p)
+
+
+# each subcommand: its help and what adds its arguments (which may import torch: only the command run needs its own)
+COMMANDS = {
+    "predict": ("segment CBCT volumes (default)", _predict_parser),
+    "train": ("raw ToothFairy2 dataset -> weights/ (resumable)", _train_parser),
+    "phantom": ("write synthetic CBCT phantoms", _phantom_parser),
+    "evaluate": ("Dice and HD95 per structure, as the challenge scores them", _evaluate_arguments),
+    "cutoffs": ("per-class volume cutoffs from cross-validation predictions", _cutoffs_parser),
+    "compile": ("networks compiled ahead of time for this device: an AOT package or a compile cache",
+                _compile_arguments),
+    "export-triton": ("model folder -> Triton model repository (ONNX or TorchScript), checked", _export_arguments),
+    "cohort": ("many cases, K in flight, resumable (local or Triton)", _cohort_arguments),
+    "seal": ("write a model folder's checksums.json (its folds and their sha256), which every run verifies before "
+             "loading", _seal_parser),
+    "ensemble": ("model folders -> an ensemble folder (ensemble.json and its models), to pack as a model tarball",
+                 _ensemble_arguments),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with a command, only that subcommand gets its arguments (the others' may import torch)."""
     parser = argparse.ArgumentParser(prog="process.py", description=(
         "ToothFairy2 CBCT segmentation (nnU-Net v2 ensemble). Without a subcommand: predict."))
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command")
-    _predict_parser(sub.add_parser("predict", help="segment CBCT volumes (default)"))
-    _train_parser(sub.add_parser("train", help="raw ToothFairy2 dataset -> weights/ (resumable)"))
-    _phantom_parser(sub.add_parser("phantom", help="write synthetic CBCT phantoms"))
-    from cbctseg.evaluation.evaluate import add_arguments as _evaluate_parser
-
-    _evaluate_parser(sub.add_parser("evaluate", help="Dice and HD95 per structure, as the challenge scores them"))
-    _cutoffs_parser(sub.add_parser("cutoffs", help="per-class volume cutoffs from cross-validation predictions"))
-    from cbctseg import cohort
-    from cbctseg.networks import compile_cache, triton_export
-
-    compile_cache.add_arguments(sub.add_parser(
-        "compile", help="networks compiled ahead of time for this device: an AOT package or a compile cache"))
-    triton_export.add_arguments(sub.add_parser(
-        "export-triton", help="model folder -> Triton model repository (ONNX or TorchScript), checked"))
-    cohort.add_arguments(sub.add_parser("cohort", help="many cases, K in flight, resumable (local or Triton)"))
-    _seal_parser(sub.add_parser("seal", help="write a model folder's checksums.json (its folds and their sha256), "
-                                             "which every run verifies before loading"))
-    from cbctseg.model import ensemble_build
-
-    ensemble_build.add_arguments(sub.add_parser(
-        "ensemble", help="model folders -> an ensemble folder (ensemble.json and its models), to pack as a model "
-                         "tarball"))
+    for name, (help_text, add_arguments) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if command is None or command == name:
+            add_arguments(p)
     return parser
 
 
@@ -244,21 +275,40 @@ def cmd_seal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_compile(args: argparse.Namespace) -> int:
+    from cbctseg.networks import compile_cache
+
+    return compile_cache.run_from_args(args)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from cbctseg.networks import triton_export
+
+    return triton_export.run_from_args(args)
+
+
+def _run_cohort(args: argparse.Namespace) -> int:
+    from cbctseg import cohort
+
+    return cohort.run_from_args(args)
+
+
+def _run_ensemble(args: argparse.Namespace) -> int:
+    from cbctseg.model import ensemble_build
+
+    return ensemble_build.run_from_args(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help", "-v", "--verbose"):
         argv.insert(0, "predict")
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv[0] if argv[0] in SUBCOMMANDS else None).parse_args(argv)
     if args.command is None:
-        args = build_parser().parse_args(["predict", *argv])
+        args = build_parser("predict").parse_args(["predict", *argv])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from cbctseg import cohort
-    from cbctseg.model import ensemble_build
-    from cbctseg.networks import compile_cache, triton_export
-
     commands = {"predict": cmd_predict, "train": cmd_train, "phantom": cmd_phantom, "evaluate": cmd_evaluate,
-                "cutoffs": cmd_cutoffs, "compile": compile_cache.run_from_args,
-                "export-triton": triton_export.run_from_args, "cohort": cohort.run_from_args, "seal": cmd_seal,
-                "ensemble": ensemble_build.run_from_args}
+                "cutoffs": cmd_cutoffs, "compile": _run_compile, "export-triton": _run_export,
+                "cohort": _run_cohort, "seal": cmd_seal, "ensemble": _run_ensemble}
     return commands[args.command](args)

@@ -1,13 +1,27 @@
-"""Shared fixtures: the bundled weights, phantom cases on disk, and running process.py as a real process."""
+"""Shared fixtures: the bundled weights, phantom cases on disk, and running process.py as a real process.
+
+Parallel streams: run_tests.sh may start several pytest processes on the same selection, with
+CBCTSEG_TEST_CLAIMS naming a folder they share. Each stream walks the test modules in the same order (the
+longest first) and runs a module only if it is the first to claim it there, so every module runs once, in one
+process, with its module fixtures.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+
+CLAIMS = os.environ.get("CBCTSEG_TEST_CLAIMS")
+# modules that take longest alone: started first, so that no stream is left with a long one at the end
+LONGEST_FIRST = ("test_training.py", "test_logit_overflow.py", "test_triton.py", "test_budget.py", "test_oracle.py",
+                 "test_aot_package.py", "test_memory_bounds.py", "test_hardening_io.py",
+                 "test_model_verification.py", "test_inputs.py")
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = Path(os.environ.get("CBCTSEG_TEST_WEIGHTS", REPO / "weights"))
@@ -24,6 +38,13 @@ from cbctseg.training.phantom import PhantomSpec, make_phantom
 OBLIQUE = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
 
 
+def default_threads_env() -> dict[str, str]:
+    """The environment without a thread limit the test streams set (run_tests.sh): torch's default threads, as a
+    user's run has them. oneDNN chooses its layouts by its thread count, and with them the memory a convolution
+    holds: memory measurements run this way."""
+    return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+
+
 def write_phantom(path: Path, **kw) -> tuple[sitk.Image, sitk.Image]:
     """Write a phantom image (and return image and label) at path."""
     image, label = make_phantom(PhantomSpec(**kw))
@@ -32,12 +53,53 @@ def write_phantom(path: Path, **kw) -> tuple[sitk.Image, sitk.Image]:
     return image, label
 
 
-def run_process(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """python process.py ARGS in a fresh process, as grand-challenge would start it (the test weights by default)."""
+def start_process(*args: str) -> subprocess.Popen:
+    """Start python process.py ARGS in a fresh process, as grand-challenge would (the test weights by default)."""
     if "--weights" not in args and (not args or args[0] not in ("train", "phantom", "evaluate", "cutoffs", "ensemble")):
         args = (*args, "--weights", str(WEIGHTS))
-    return subprocess.run([sys.executable, str(REPO / "process.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.Popen([sys.executable, str(REPO / "process.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def finish_process(proc: subprocess.Popen, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Wait for a process from start_process; its exit code and output."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def finish_processes(procs: dict, timeout: float = 900) -> dict:
+    """Wait for every process of {key: process from start_process}; {key: its result}. Those still running
+    when one fails to finish are killed."""
+    try:
+        return {key: finish_process(proc, timeout) for key, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def run_process(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """python process.py ARGS in a fresh process, as grand-challenge would start it (the test weights by default)."""
+    return finish_process(start_process(*args), timeout)
+
+
+@contextlib.contextmanager
+def process_in_background(*args: str, timeout: float = 900) -> Iterator[Callable[[], subprocess.CompletedProcess]]:
+    """process.py ARGS running while the block computes something else (a reference); call the yielded function
+    for its result. Killed if the block ends without waiting for it."""
+    proc = start_process(*args)
+    try:
+        yield lambda: finish_process(proc, timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +107,31 @@ def weights() -> Path:
     if not (WEIGHTS / "plans.json").is_file():
         pytest.fail(f"bundled weights missing in {WEIGHTS}")
     return WEIGHTS
+
+
+def pytest_collection_modifyitems(config, items):
+    """With parallel streams: the modules in the order the streams take them (each module's tests in order)."""
+    if not CLAIMS:
+        return
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    modules = list(dict.fromkeys(item.path for item in items))
+    order = {path: (rank.get(path.name, len(rank)), i) for i, path in enumerate(modules)}
+    items.sort(key=lambda item: order[item.path])
+
+
+_claimed: dict[Path, bool] = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With parallel streams: run the item if this stream claims (or claimed) its module, else pass it by."""
+    if not CLAIMS:
+        return None
+    if item.path not in _claimed:
+        marker = Path(CLAIMS) / (str(item.path.relative_to(REPO)).replace(os.sep, "__") + ".claim")
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            _claimed[item.path] = True
+        except FileExistsError:
+            _claimed[item.path] = False
+    return None if _claimed[item.path] else True

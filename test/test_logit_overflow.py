@@ -26,7 +26,7 @@ from cbctseg.model.loading import CHECKPOINT, load_model
 from cbctseg.model.manifest import build_manifest, write_manifest
 from cbctseg.resources import label_map
 from cbctseg.inference.stitching import Accumulator, NonFiniteLogits, Normaliser
-from conftest import OBLIQUE, WEIGHTS, run_process, write_phantom
+from conftest import OBLIQUE, WEIGHTS, process_in_background, run_process, write_phantom
 
 OVERFLOW_FACTOR, OVERFLOW_OFFSET = 40.0, 1500.0
 OUT = "images/oral-pharyngeal-segmentation"
@@ -65,9 +65,9 @@ def nnunet_labels(image: sitk.Image, folder: Path) -> np.ndarray:
     return label_map().to_fdi_lut()[seg]
 
 
-def all_passes(model_folder: Path, tmp_path: Path, normalised: bool = True):
-    """Every pass of every window of the model on the test case, added to our sums (normalised or plain fp16
-    sums, as nnU-Net's) and to exact fp64 sums: (our sums, exact average, exact weight sums)."""
+def all_passes(model_folder: Path, tmp_path: Path):
+    """Every pass of every window of the model on the test case, added to our sums (normalised), to plain fp16
+    sums (as nnU-Net's) and to exact fp64 sums: (normalised sums, plain sums, exact average, exact weight sums)."""
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
@@ -85,8 +85,8 @@ def all_passes(model_folder: Path, tmp_path: Path, normalised: bool = True):
     passes = anytime_passes(len(model.networks), model.mirror_axes)
     assert len(passes) == 8
     windows = sliding_windows(shape, model.patch_size, 0.5)
-    acc = Accumulator(model.num_classes, shape, cpu,
-                      normaliser=Normaliser(gaussian, windows, len(passes)) if normalised else None)
+    acc = Accumulator(model.num_classes, shape, cpu, normaliser=Normaliser(gaussian, windows, len(passes)))
+    plain = Accumulator(model.num_classes, shape, cpu)
     num = torch.zeros((model.num_classes, *shape), dtype=torch.float64)
     den = torch.zeros(shape, dtype=torch.float64)
     with torch.inference_mode():
@@ -96,19 +96,19 @@ def all_passes(model_folder: Path, tmp_path: Path, normalised: bool = True):
                 x = data[(slice(None), *window)][None]
                 y = model.networks[p.fold](torch.flip(x, dims) if dims else x)[0]
                 acc.add(window, y, gaussian, p.flip)
+                plain.add(window, y, gaussian, p.flip)
                 num[(slice(None), *window)] += (torch.flip(y, [d - 1 for d in dims]) if dims else y) * gaussian
                 den[window] += gaussian
-    return acc, num / den, den
+    return acc, plain, num / den, den
 
 
 def test_normalised_sums_hold_logits_that_overflow_a_plain_fp16_sum(tmp_path):
     """Unnormalised, the offset model's passes overflow fp16; normalised, they give the passes' exact weighted
     average at every voxel, the image's corners included."""
     model = logit_model_folder(tmp_path / "model", OVERFLOW_FACTOR, OVERFLOW_OFFSET)
-    plain, _, _ = all_passes(model, tmp_path / "plain", normalised=False)
+    acc, plain, exact, den = all_passes(model, tmp_path)
     with pytest.raises(NonFiniteLogits, match="logits are not finite"):
         plain.average()
-    acc, exact, den = all_passes(model, tmp_path / "normalised")
     avg = acc.average().double()
     # fp16 sums (the same tolerance as test_budget's partial ensemble)
     torch.testing.assert_close(avg, exact, rtol=1e-2, atol=0.05)
@@ -119,7 +119,7 @@ def test_voxels_covered_only_by_window_rims_get_the_exact_answer(tmp_path):
     """Along the image's edges and in its corners the windows' Gaussian weights are 1e-5 to 1e-8 (subnormal
     fp16): plain fp16 sums there keep a few bits, the normalised ones fp16's full precision. Every voxel whose
     exact top-two logit margin is at least 0.01 gets the exact answer's class."""
-    acc, exact, den = all_passes(WEIGHTS, tmp_path)
+    acc, _, exact, den = all_passes(WEIGHTS, tmp_path)
     avg = acc.average().double()
     rims = den < 1e-3
     top2 = exact.topk(2, dim=0).values
@@ -136,13 +136,15 @@ def test_logits_too_large_for_one_fp16_sum_give_nnunets_answer(tmp_path, weights
     model = logit_model_folder(tmp_path / "model", OVERFLOW_FACTOR, OVERFLOW_OFFSET)
     image, _ = write_phantom(tmp_path / "in" / "case.mha", shape=(46, 83, 101), spacing=spacing,
                              origin=(-12.5, 30.0, 7.25), direction=OBLIQUE, seed=11)
-    r = run_process("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", str(model),
-                    "--device", "cpu", "--report", str(tmp_path / "report.json"))
+    # nnU-Net's answer is computed while process.py runs
+    with process_in_background("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights",
+                               str(model), "--device", "cpu", "--report", str(tmp_path / "report.json")) as result:
+        ref = nnunet_labels(image, model)
+        r = result()
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "report.json").read_text())[0]
     assert report["prediction"]["accumulation"] == accumulation and not report["prediction"]["skipped"]
     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / OUT / "case.mha")))
-    ref = nnunet_labels(image, model)
     agreement = float((ours == ref).mean())
     structures = sorted(int(v) for v in np.unique(ref) if v)
     print(f"logits * {OVERFLOW_FACTOR} + {OVERFLOW_OFFSET}, {accumulation}: agreement with nnUNetPredictor "

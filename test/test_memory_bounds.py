@@ -16,21 +16,27 @@ import sys
 import pytest
 
 from cbctseg.inference.stitching import CHUNK_BYTES
-from conftest import REPO, WEIGHTS, write_phantom
+from conftest import REPO, WEIGHTS, default_threads_env, write_phantom
 
 CLASSES = 43
 
 
-def run_peak(tmp_path, name: str, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> int:
-    """Peak resident set size of process.py segmenting a phantom of shape (one fold, one pass per window)."""
+def start_run(tmp_path, name: str, shape: tuple[int, int, int], spacing: tuple[float, float, float]):
+    """Start process.py segmenting a phantom of shape (one fold, one pass per window); see peak()."""
     write_phantom(tmp_path / name / "in" / "case.mha", shape=shape, spacing=spacing, seed=2)
     args = ["--input", str(tmp_path / name / "in"), "--output", str(tmp_path / name / "out"), "--weights",
             str(WEIGHTS), "--device", "cpu", "--folds", "0", "--no-mirroring", "--step-size", "1",
             "--time-budget", "0"]
     with open(tmp_path / f"{name}.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(REPO / "process.py"), *args], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=log)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the largest of all children's
+                                stdout=subprocess.DEVNULL, stderr=log, env=default_threads_env())
+    return tmp_path, name, proc
+
+
+def peak(run) -> int:
+    """Peak resident set size of a process from start_run (the kernel's count for that process alone)."""
+    tmp_path, name, proc = run
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the largest of all children's
     proc.returncode = os.waitstatus_to_exitcode(status)
     assert proc.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     assert (tmp_path / name / "out" / "images" / "oral-pharyngeal-segmentation" / "case.mha").is_file()
@@ -40,8 +46,15 @@ def run_peak(tmp_path, name: str, shape: tuple[int, int, int], spacing: tuple[fl
 @pytest.mark.parametrize("spacing, path", [((1.0, 1.0, 1.0), "streamed"),
                                            ((1.0, 1.0, 1.25), "whole volume, resampled")])
 def test_a_wide_case_costs_little_more_than_its_fp16_sums(tmp_path, weights, spacing, path):
-    small = run_peak(tmp_path, "small", (8, 96, 96), spacing)
-    big = run_peak(tmp_path, "big", (8, 384, 384), spacing)
+    # the two runs at once: each process's peak is its own
+    runs = [start_run(tmp_path, "small", (8, 96, 96), spacing), start_run(tmp_path, "big", (8, 384, 384), spacing)]
+    try:
+        small, big = (peak(r) for r in runs)
+    finally:
+        for _, _, proc in runs:
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
     z = 10 if spacing[2] != 1.0 else 8  # slices at the network's 1 mm
     sums = CLASSES * 2 * z * (384 * 384 - 96 * 96)
     growth = big - small
@@ -78,7 +91,7 @@ def test_the_segmentation_layer_holds_its_output_once_on_the_cpu(weights, how):
     """The 43-channel output of a window is the forward pass's largest tensor (2.8 GB for a 160x320x320 window
     in fp32); oneDNN's convolution writes it in its blocked layout and converts it, holding it about twice."""
     r = subprocess.run([sys.executable, "-c", SEG_LAYER_PEAK, str(WEIGHTS), how], capture_output=True, text=True,
-                       cwd=REPO, timeout=300)
+                       cwd=REPO, timeout=300, env=default_threads_env())
     assert r.returncode == 0, r.stderr[-3000:]
     growth, output, contiguous, err = r.stdout.split()
     growth, output = int(growth), int(output)

@@ -95,14 +95,14 @@ class Fp16Transport(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def local_reference(tmp_path_factory, weights):
-    """A phantom (8 windows a fold) and its label map from the local networks, with fp16 transport.
+    """A phantom (4 windows a fold: 2 batches of 2) and its label map from the local networks, with fp16 transport.
 
     fp16 rounding alone moves labels where two classes tie within fp16 resolution: with barely trained
     weights that is about 0.1 % of the voxels, so the reference rounds as Triton's transport does and the
     comparison is about the server computing the same function.
     """
     root = tmp_path_factory.mktemp("local")
-    write_phantom(root / "in" / "case.mha", shape=(56, 96, 96), seed=3)
+    write_phantom(root / "in" / "case.mha", shape=(56, 72, 100), seed=3)
     case = gc_io.Case("case.mha", root / "in" / "case.mha", root / "out" / OUT_DIR / "case.mha")
     model = load_model(weights, FOLDS, CPU)
     backend = LocalBackend([Fp16Transport(n) for n in model.networks], CPU, {"kind": "fp16 transport"})
@@ -250,7 +250,7 @@ def test_unknown_model_and_other_weights_are_clear_errors(server, tmp_path, weig
 
 
 def test_server_errors_mid_case_leave_no_partial_output(repository, tmp_path, weights):
-    write_phantom(tmp_path / "in" / "a.mha", shape=(56, 96, 96), seed=5)
+    write_phantom(tmp_path / "in" / "a.mha", shape=(56, 72, 100), seed=5)  # 4 windows a fold, fails at the 3rd
     write_phantom(tmp_path / "in" / "b.mha", shape=(40, 64, 64), seed=6)
     with triton_server.serve(repository[0], fail_after=2) as url:  # each model answers twice, then fails
         model = load_model(weights, FOLDS, CPU)

@@ -72,8 +72,6 @@ def nnunet_env(opts: TrainOptions, results: Path | None = None) -> dict[str, str
         "nnUNet_extTrainer": str(TRAINERS_DIR),
         "nnUNet_compile": env.get("nnUNet_compile", "f" if opts.device == "cpu" else "t"),
     })
-    if opts.da_workers is not None:
-        env["nnUNet_n_proc_DA"] = str(opts.da_workers)
     for key, value in (("CBCTSEG_EPOCHS", opts.epochs), ("CBCTSEG_ITERS", opts.iterations),
                        ("CBCTSEG_SAVE_EVERY", opts.save_every)):
         if value is not None:
@@ -156,7 +154,12 @@ def train(opts: TrainOptions, model: int) -> Path:
     if (out / "fold_all" / "checkpoint_latest.pth").is_file():
         log.info("train model %d: resuming from checkpoint_latest.pth", model)
         args.append("--c")
-    _nnunet("nnUNetv2_train", args, nnunet_env(opts, opts.work / f"nnUNet_results_model{model}"))
+    env = nnunet_env(opts, opts.work / f"nnUNet_results_model{model}")
+    if opts.da_workers is not None:
+        # for training only: nnU-Net's planner sets torch's threads to it, and 0 (augmentation in the training
+        # process) is no thread count
+        env["nnUNet_n_proc_DA"] = str(opts.da_workers)
+    _nnunet("nnUNetv2_train", args, env)
     if not final.is_file():
         raise RuntimeError(f"training model {model} ended without {final}")
     return final
