@@ -20,8 +20,8 @@ import SimpleITK as sitk
 CLAIMS = os.environ.get("CBCTSEG_TEST_CLAIMS")
 # modules that take longest alone: started first, so that no stream is left with a long one at the end
 LONGEST_FIRST = ("test_training.py", "test_logit_overflow.py", "test_triton.py", "test_budget.py", "test_oracle.py",
-                 "test_aot_package.py", "test_memory_bounds.py", "test_hardening_io.py",
-                 "test_model_verification.py", "test_inputs.py")
+                 "test_ensemble.py", "test_aot_package.py", "test_memory_bounds.py", "test_hardening_io.py",
+                 "test_model_verification.py", "test_ensemble_file.py", "test_inputs.py")
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = Path(os.environ.get("CBCTSEG_TEST_WEIGHTS", REPO / "weights"))
