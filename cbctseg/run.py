@@ -348,7 +348,8 @@ def load_models(args: argparse.Namespace, device: torch.device) -> list[LoadedMo
 
     Raises ModelError or TritonError."""
     specs = members_for(args.weights, APP_DIR / "weights", args.folds)
-    check_member_labels(specs)
+    if len(specs) > 1:  # a single model's labels are checked as it loads, with the messages of a bad folder
+        check_member_labels(specs)
     on_triton = getattr(args, "backend", "local") == "triton"
     if on_triton and len(specs) > 1:
         raise ModelError(f"--backend triton serves one model; this run has {len(specs)} (an ensemble): run it "
