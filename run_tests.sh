@@ -16,12 +16,13 @@ if (( streams <= 1 )); then
   exec "$venv/bin/python" -m pytest "$@"
 fi
 claims="$(mktemp -d)"
-trap 'rm -rf "$claims"' EXIT
+pids=()
+# the other streams end with this one, interrupted too
+trap 'if (( ${#pids[@]} )); then kill "${pids[@]}" 2>/dev/null || true; fi; rm -rf "$claims"' EXIT
 # each stream's threads on its share of the cores; threads beyond (nnU-Net's training takes every core) wait
 # asleep rather than spinning, where they would take the cores from the other stream
 export CBCTSEG_TEST_CLAIMS="$claims" OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / streams > 0 ? cores / streams : 1 ))}"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-pids=()
 for (( k = 1; k < streams; k++ )); do
   "$venv/bin/python" -m pytest "$@" > "$claims/stream$k.log" 2>&1 &
   pids+=("$!")
@@ -35,4 +36,5 @@ for (( k = 1; k < streams; k++ )); do
   cat "$claims/stream$k.log"
   if (( rc == 0 )); then rc=$status; fi
 done
+pids=()
 exit "$rc"
