@@ -27,7 +27,7 @@ from cbctseg.inference.preprocess import Preprocessed, preprocess
 from cbctseg.resources import cutoffs, label_map, task
 from cbctseg.networks.backend import Backend, BackendSlot
 from cbctseg.networks.compile_cache import maybe_compile
-from cbctseg.inference.schedule import Budget, plan_case
+from cbctseg.inference.schedule import Budget, CasePlan, plan_case
 from cbctseg.termination import Terminated, raising_on_signals
 from cbctseg.networks.triton_backend import TritonError, triton_backend
 
@@ -157,14 +157,20 @@ def _accumulation(model: Model, pre: Preprocessed, device: torch.device, options
     return accumulation
 
 
+def _plan(member: LoadedModel, pre: Preprocessed, options: CaseOptions) -> CasePlan:
+    model = member.model
+    return plan_case(tuple(pre.data.shape[1:]), model.patch_size, options.step_size, len(model.folds),
+                     model.mirror_axes, options.mirroring)
+
+
 def _backend(member: LoadedModel, pre: Preprocessed, device: torch.device, options: CaseOptions, budget: Budget,
-             t: dict[str, float]) -> Backend:
-    """The member's backend, chosen now (timed as "compile") when this is the run's first case."""
+             t: dict[str, float], plan: CasePlan | None = None) -> Backend:
+    """The member's backend, chosen now (timed as "compile") when this is the run's first case; `plan`: the
+    case's plan for this model when the caller has it."""
     if member.backend.chosen is not None:
         return member.backend.chosen
     model = member.model
-    forwards = len(plan_case(tuple(pre.data.shape[1:]), model.patch_size, options.step_size, len(model.folds),
-                             model.mirror_axes, options.mirroring).items)
+    forwards = len((plan or _plan(member, pre, options)).items)
     t1 = time.monotonic()
     backend = member.backend.get(lambda: choose_backend(model, device, options, forwards, budget))
     # loading a package; torch.compile's warm-up falls in the first pass
@@ -201,8 +207,7 @@ def _predict_ensemble(vol: gc_io.Volume, members: list[LoadedModel], device: tor
     num_classes = members[0].model.num_classes
     sums = ProbabilitySum(num_classes, tuple(vol.array.shape), sums_device(num_classes, vol.array.shape, device))
     pres = [_preprocessed(vol, m.model, device, t) for m in members]
-    plans = [plan_case(tuple(p.data.shape[1:]), m.model.patch_size, options.step_size, len(m.model.folds),
-                       m.model.mirror_axes, options.mirroring) for m, p in zip(members, pres)]
+    plans = [_plan(m, p, options) for m, p in zip(members, pres)]
     # the first pass of each model, in window forwards weighted by the patch's voxels
     first_pass = [len(plan.windows) * float(np.prod(m.model.patch_size)) for m, plan in zip(members, plans)]
     runs: list[dict] = []
@@ -216,7 +221,7 @@ def _predict_ensemble(vol: gc_io.Volume, members: list[LoadedModel], device: tor
                        f"about {s_per_voxel * first_pass[k]:.1f} s")
             continue
         accumulation = _accumulation(model, pre, device, options)
-        backend = _backend(member, pre, device, options, budget, t)
+        backend = _backend(member, pre, device, options, budget, t, plans[k])
         streamed = accumulation == Accumulation.STREAMED
         t1 = time.monotonic()
         result, _, report = predict(model, backend, pre.data, options.step_size, options.mirroring, accumulation,
