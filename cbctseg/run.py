@@ -21,7 +21,7 @@ from cbctseg.model.ensemble import check_member_labels, members_for
 from cbctseg.model.loading import Model, ModelError, load_model
 from cbctseg.options import CaseOptions
 from cbctseg.inference.postprocess import to_fdi
-from cbctseg.inference.ensemble import LoadedModel, ProbabilitySum, sums_device
+from cbctseg.inference.ensemble import BandEnsemble, LoadedModel
 from cbctseg.inference.predictor import Accumulation, predict
 from cbctseg.inference.preprocess import Preprocessed, preprocess
 from cbctseg.resources import cutoffs, label_map, task
@@ -197,48 +197,65 @@ def _predict_one(vol: gc_io.Volume, member: LoadedModel, device: torch.device, o
                     "prediction": asdict(report), "compile": backend.describe()}
 
 
+def _run_order(accumulations: list[Accumulation]) -> list[int]:
+    """The order the models run in: as listed, but the last model that can stream its bands (one on the input
+    grid) goes last, so that its bands finish the label map with the models kept before it (`BandEnsemble`)."""
+    streaming = [k for k, a in enumerate(accumulations) if a == Accumulation.STREAMED]
+    if not streaming:
+        return list(range(len(accumulations)))
+    return [k for k in range(len(accumulations)) if k != streaming[-1]] + [streaming[-1]]
+
+
 def _predict_ensemble(vol: gc_io.Volume, members: list[LoadedModel], device: torch.device, options: CaseOptions,
                       budget: Budget, t: dict[str, float]) -> tuple[torch.Tensor, dict]:
-    """Several models, one after the other, each one's probabilities added to one sum on the input grid.
+    """Several models, one after the other (`_run_order`), combined band by band (`BandEnsemble`).
 
     The budget spans the models: a model's optional work leaves time for the first pass of every later
     model, and a later model runs only when its first pass fits (projected from the seconds per window of
     the model before, scaled by the patch volume); every model done adds a complete answer."""
-    num_classes = members[0].model.num_classes
-    sums = ProbabilitySum(num_classes, tuple(vol.array.shape), sums_device(num_classes, vol.array.shape, device))
     pres = [_preprocessed(vol, m.model, device, t) for m in members]
+    accumulations = [_accumulation(m.model, p, device, options) for m, p in zip(members, pres)]
+    order = _run_order(accumulations)
+    members, pres, accumulations = ([xs[k] for k in order] for xs in (members, pres, accumulations))
+    for k, (member, pre) in enumerate(zip(members[:-1], pres)):
+        if accumulations[k] == Accumulation.STREAMED:  # kept whole for the bands: not streamed
+            accumulations[k] = choose_accumulation(member.model, tuple(pre.data.shape[1:]), True, device,
+                                                   batch_size=options.batch_size)
     plans = [_plan(m, p, options) for m, p in zip(members, pres)]
+    streams_last = accumulations[-1] == Accumulation.STREAMED
+    reference = len(members) - 1 if streams_last else 0
+    ensemble = BandEnsemble(members[reference].model, pres[reference], members[0].model.num_classes)
     # the first pass of each model, in window forwards weighted by the patch's voxels
     first_pass = [len(plan.windows) * float(np.prod(m.model.patch_size)) for m, plan in zip(members, plans)]
     runs: list[dict] = []
     s_per_voxel = None  # seconds per window voxel of the model run last
     for k, (member, pre) in enumerate(zip(members, pres)):
         model, volume = member.model, float(np.prod(member.model.patch_size))
-        run = {"model": model.describe(), "weight": member.weight, "items_planned": len(plans[k].items)}
+        run = {"model": model.describe(), "listed": order[k] + 1, "weight": member.weight,
+               "items_planned": len(plans[k].items)}
         runs.append(run)
         if k > 0 and s_per_voxel is not None and not budget.allows(s_per_voxel * first_pass[k]):
             run.update(status="skipped", reason=f"time budget: {budget.left():.1f} s left, its first pass needs "
                        f"about {s_per_voxel * first_pass[k]:.1f} s")
             continue
-        accumulation = _accumulation(model, pre, device, options)
         backend = _backend(member, pre, device, options, budget, t, plans[k])
-        streamed = accumulation == Accumulation.STREAMED
+        streamed = k == reference and streams_last
         t1 = time.monotonic()
-        result, _, report = predict(model, backend, pre.data, options.step_size, options.mirroring, accumulation,
+        result, _, report = predict(model, backend, pre.data, options.step_size, options.mirroring, accumulations[k],
                                     budget, options.batch_size, progress=options.progress, in_flight=options.in_flight,
                                     reserved_items=sum(first_pass[k + 1:]) / volume,
-                                    sink=sums.sink(model, pre, member.weight) if streamed else None)
+                                    sink=ensemble.sink(member.weight, device) if streamed else None)
         t["sliding_window"] = t.get("sliding_window", 0.0) + time.monotonic() - t1
         t1 = time.monotonic()
         if not streamed:
-            sums.add_logits(result, pre, model, member.weight, device)
+            ensemble.keep(result, pre, model, member.weight, device)
         del result
         t["finalize"] = t.get("finalize", 0.0) + time.monotonic() - t1
         if report.seconds_per_item is not None:
             s_per_voxel = report.seconds_per_item / volume
         run.update(status="done", prediction=asdict(report), compile=backend.describe())
     t1 = time.monotonic()
-    labels = sums.labels(device)
+    labels = ensemble.result(device)
     t["finalize"] += time.monotonic() - t1
     return labels, {"model": [r["model"] for r in runs], "network_input_shape": [list(p.data.shape[1:]) for p in pres],
                     "prediction": _ensemble_prediction(runs), "compile": [r.get("compile") for r in runs]}
@@ -247,8 +264,8 @@ def _predict_ensemble(vol: gc_io.Volume, members: list[LoadedModel], device: tor
 def _ensemble_prediction(runs: list[dict]) -> dict:
     """The case report's "prediction" of an ensemble: work done and skipped over all models, and per model."""
     out: dict = {"items_planned": 0, "items_done": 0, "passes_done": [], "skipped": [], "models": runs}
-    for k, r in enumerate(runs):
-        name = f"model {k + 1} ({r['model']['configuration']})"
+    for r in runs:
+        name = f"model {r['listed']} ({r['model']['configuration']})"
         out["items_planned"] += r["items_planned"]
         if r["status"] == "skipped":
             out["skipped"].append(f"{name}: not run ({r['reason']})")

@@ -75,10 +75,11 @@ def test_ensemble_agrees_with_nnunet_predictor_and_ensembling(ensemble_run):
           f"nnU-Net's top-two margin >= 0.01; margin < 0.01 on {float((~decided).mean()):.6f} of the voxels")
     assert agreement >= 0.999
     assert wrong_decided == 0
-    # both models ran, all their work, each in its own configuration
+    # both models ran, all their work, each in its own configuration; the one on the input grid last, its
+    # bands finishing the label map with the coarse model's
     models = report["prediction"]["models"]
-    assert [m["model"]["configuration"] for m in models] == ["3d_fullres_torchres_tiny",
-                                                              "3d_fullres_torchres_tiny_coarse"]
+    assert [(m["model"]["configuration"], m["listed"]) for m in models] == [
+        ("3d_fullres_torchres_tiny_coarse", 2), ("3d_fullres_torchres_tiny", 1)]
     assert all(m["status"] == "done" and not m["prediction"]["skipped"] for m in models)
     assert report["prediction"]["items_done"] == report["prediction"]["items_planned"] == 2 * 8 + 1 * 8  # windows x (2 folds x 4 flips)
 
@@ -89,7 +90,8 @@ def test_the_reference_is_a_meaningful_oracle(ensemble_run):
     shape = sitk.GetArrayFromImage(image).shape
     assert ref.preprocessed_shapes[0] == shape
     assert ref.preprocessed_shapes[1] == tuple(round(s / 1.5) for s in shape)
-    assert report["network_input_shape"] == [list(s) for s in ref.preprocessed_shapes]
+    # in the order the models ran: the coarse one first
+    assert report["network_input_shape"] == [list(s) for s in reversed(ref.preprocessed_shapes)]
     for labels in (ref.labels, *ref.model_labels):
         assert len(structures(labels)) >= 2 and float((labels > 0).mean()) >= 0.01
     decided = ref.margin >= 0.01
@@ -140,31 +142,33 @@ def _ticking(folder, clock, seconds):
     return LoadedModel(model, BackendSlot(LocalBackend(nets, CPU, {"kind": "fake clock"}))), nets
 
 
-@pytest.mark.parametrize("budget_s, expect", [(15.0, "first cut"), (6.0, "second skipped")])
+@pytest.mark.parametrize("budget_s, expect", [(10.0, "first cut"), (6.0, "second skipped")])
 def test_budget_spans_the_models(tmp_path, weights, coarse, budget_s, expect):
-    """On a fake clock, 1 s per window: model 1 has 2 windows x 2 folds x 4 flips (16 s), model 2 1 window x 8
-    (8 s); about 4.4 s are kept for finalizing. Model 1's optional work stops where model 2's first pass would
-    no longer fit after it; with no time for that pass, model 2 is skipped and named in the report. Every
-    outcome is a complete label map. (With time for all, all runs: the oracle test.)"""
+    """On a fake clock, 1 s per window. The coarse model runs first (1 window x 2 folds x 4 flips: 8 s), then
+    the model on the input grid (2 windows x 8: 16 s), whose bands finish the label map; about 4.4 s are kept
+    for finalizing. The first model's optional work stops where the second's first pass would no longer fit
+    after it; with no time for that pass, the second is skipped and named in the report. Every outcome is a
+    complete label map. (With time for all, all runs: the oracle test.)"""
     write_phantom(tmp_path / "in" / "case.mha", **ENSEMBLE_CASE)
     case = gc_io.Case("case.mha", tmp_path / "in" / "case.mha", tmp_path / "out" / "case.mha")
     clock = FakeClock()
-    first, _ = _ticking(weights, clock, 1.0)
-    second, second_nets = _ticking(coarse, clock, 1.0)
-    report = predict_case(case, [first, second], CPU, CaseOptions(progress=False),
+    listed_first, first_nets = _ticking(weights, clock, 1.0)
+    listed_second, _ = _ticking(coarse, clock, 1.0)
+    report = predict_case(case, [listed_first, listed_second], CPU, CaseOptions(progress=False),
                           Budget(clock.t + budget_s, clock=clock))
     pred = report["prediction"]
     print(json.dumps({k: v for k, v in pred.items() if k != "models"}))
     one, two = pred["models"]
-    assert one["status"] == "done" and one["prediction"]["items_done"] >= 2  # its first pass
+    assert (one["listed"], two["listed"]) == (2, 1)
+    assert one["status"] == "done" and one["prediction"]["items_done"] >= 1  # its first pass
     if expect == "first cut":
-        # model 1 stopped early enough that model 2's first pass still ran
-        assert 2 < one["prediction"]["items_done"] < 16 and one["prediction"]["skipped"]
-        assert two["status"] == "done" and two["prediction"]["items_done"] >= 1
+        # the model run first stopped early enough that the second's first pass still ran
+        assert 1 < one["prediction"]["items_done"] < 8 and one["prediction"]["skipped"]
+        assert two["status"] == "done" and two["prediction"]["items_done"] >= 2
         assert all("time budget" in s for s in pred["skipped"])
     else:
         assert two["status"] == "skipped" and "time budget" in two["reason"]
-        assert sum(n.windows for n in second_nets) == 0
-        assert any(s.startswith("model 2") and "not run" in s for s in pred["skipped"])
+        assert sum(n.windows for n in first_nets) == 0
+        assert any(s.startswith("model 1") and "not run" in s for s in pred["skipped"])
     assert clock.t <= 1000.0 + budget_s
     assert sitk.ReadImage(str(case.output_path)).GetSize() == sitk.ReadImage(str(case.path)).GetSize()

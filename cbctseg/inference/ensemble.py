@@ -2,11 +2,13 @@
 
 nnU-Net ensembles models offline: each model writes its probabilities (its folds' and flips' logits averaged,
 resampled to the input's cropped grid, softmax, un-cropped with background 1 outside the crop) and
-`nnUNetv2_ensemble` averages them, then takes the argmax. Here each model's averaged logits go into one
-weighted sum of probabilities on the input grid as soon as they are final: band by band while a model that
-needs no resampling streams (`stitching.StreamedLabels` with a sink), or, for a model that resamples, by
-chunks of channels in two sweeps over its resampled logits (a per-voxel log-sum-exp, then the probabilities).
-So one fp16 sum of the input's size exists, and never a float copy of the volume per model.
+`nnUNetv2_ensemble` averages them, then takes the argmax. Here the models run one after the other and the
+label map is made band by band of slices (`BandEnsemble`): every model but the last keeps its averaged fp16
+logits on its own grid (on the CPU), and the last one, when it predicts on the input grid, streams its
+finished bands (`stitching.StreamedLabels` with a sink); each band then gets every kept model's logits
+resampled for just those slices (`band_resampling`), the weighted softmax sum and the argmax. So no
+probability sum and no resampled copy of the input's size ever exists: on the largest ToothFairy2 case the
+kept model at 1.5 times the spacing holds 2.0 GB, where a sum over the input grid would hold 6.7 GB.
 """
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cbctseg.inference.preprocess import Preprocessed, _call_with_device
+from cbctseg.inference.band_resampling import LINEAR, BandResampler, axis_modes
+from cbctseg.inference.preprocess import Preprocessed, resample
 from cbctseg.inference.stitching import CHUNK_BYTES, _slices_per_chunk
 from cbctseg.model.loading import Model
 from cbctseg.networks.backend import BackendSlot
-from cbctseg.networks.device import free_memory
+
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -32,90 +36,85 @@ class LoadedModel:
     weight: float = 1.0
 
 
-def sums_device(num_classes: int, shape: tuple[int, ...], device: torch.device) -> torch.device:
-    """Where the probability sums live: on the GPU when they take at most a third of its free memory (the
-    models' own sums and forward passes need the rest), else on the CPU."""
-    free = free_memory(device)
-    need = 2 * num_classes * int(np.prod(shape))
-    return device if free is not None and 3 * need + 1024**3 < free else torch.device("cpu")
+class BandEnsemble:
+    """The ensemble's label map on the input grid, made band by band along the reference model's first axis.
 
+    The reference is the model that streams its bands (run last), or the first model run when none streams;
+    everything here is in its axis order (its `transpose_forward`) and over its cropped region, which is every
+    model's: the crop is the input's non-zero box. Voxels outside it are background, as in nnU-Net.
+    """
 
-class ProbabilitySum:
-    """The weighted sum of the models' softmax probabilities (fp16, (C, *input shape)) on the input's grid."""
+    def __init__(self, reference: Model, pre: Preprocessed, num_classes: int):
+        self.order = list(reference.plans_manager.transpose_forward)
+        self.back = list(reference.plans_manager.transpose_backward)
+        self.pre, self.num_classes = pre, num_classes
+        self.target = tuple(int(s) for s in pre.shape_after_cropping)
+        self.kept: list[tuple[BandResampler, float]] = []
+        self.labels = torch.zeros(tuple(pre.shape_before_cropping), dtype=torch.uint8)
+        self._region = self.labels[tuple(slice(a, b) for a, b in pre.bbox)]
+        self.streamed = False  # a model streamed every band (the label map is complete)
 
-    def __init__(self, num_classes: int, shape: tuple[int, ...], device: torch.device):
-        self.sums = torch.zeros((num_classes, *shape), dtype=torch.half, device=device)
-        self.models = 0  # models added
-
-    def _region(self, model: Model, pre: Preprocessed) -> torch.Tensor:
-        """The sums over the model's cropped region, in the model's axis order (a view)."""
-        view = self.sums.permute(0, *[a + 1 for a in model.plans_manager.transpose_forward])
-        return view[(slice(None), *(slice(a, b) for a, b in pre.bbox))]
-
-    def sink(self, model: Model, pre: Preprocessed, weight: float) -> Callable[[int, torch.Tensor], None]:
-        """A sink for a model's finished bands of averaged logits on its cropped grid (no resampling): adds
-        weight x softmax of the band starting at slice z."""
-        region = self._region(model, pre)
-
-        def add(z: int, logits: torch.Tensor) -> None:
-            p = torch.softmax(logits.float(), 0).mul_(weight)
-            region[:, z:z + p.shape[1]] += p.to(region.device, torch.half)
-
-        return add
+    def _in_reference_order(self, model: Model) -> list[int]:
+        """For each axis of the reference, the model's axis that is the same axis of the input."""
+        back = model.plans_manager.transpose_backward
+        return [back[a] for a in self.order]
 
     @torch.inference_mode()
-    def add_logits(self, logits: torch.Tensor, pre: Preprocessed, model: Model, weight: float,
-                   device: torch.device) -> None:
-        """Add weight x softmax of a model's averaged logits (C, *its grid), resampled to the cropped input grid
-        as nnU-Net resamples them, working on `device` by chunks."""
-        target = tuple(pre.shape_after_cropping)
-        if tuple(logits.shape[1:]) == target:
-            add = self.sink(model, pre, weight)
-            step = _slices_per_chunk(logits[:, :1].numel() * 12)
-            for z in range(0, target[0], step):
-                add(z, logits[:, z:z + step].to(device))
-        else:
-            self._add_resampled(logits, pre, model, weight, device, target)
-        self.models += 1
+    def keep(self, logits: torch.Tensor, pre: Preprocessed, model: Model, weight: float,
+             device: torch.device) -> None:
+        """Keep a finished model's averaged logits (C, *its grid) for the bands, on the CPU, in the reference's
+        axis order. A model whose resampling `band_resampling` does not reproduce is resampled here with its
+        own function (by chunks of channels on `device`) to a copy of the input grid's size."""
+        axes = self._in_reference_order(model)
+        view = logits.permute(0, *[a + 1 for a in axes])
+        cur = [pre.target_spacing[a] for a in axes]
+        new = [pre.spacing_transposed[a] for a in axes]
+        modes = axis_modes(model.configuration.resampling_fn_probabilities, cur, new)
+        if modes is None and tuple(logits.shape[1:]) != tuple(pre.shape_after_cropping):
+            view = self._resampled(logits, pre, model, device).permute(0, *[a + 1 for a in axes])
+            modes = [LINEAR] * len(axes)
+        if tuple(view.shape[1:]) == self.target:
+            modes = [LINEAR] * len(axes)  # nothing to resample
+        self.kept.append((BandResampler(view.to(CPU, torch.half), self.target, modes), float(weight)))
 
-    def _add_resampled(self, logits: torch.Tensor, pre: Preprocessed, model: Model, weight: float,
-                       device: torch.device, target: tuple[int, ...]) -> None:
-        """Softmax over channels resampled a chunk at a time: a first sweep keeps each voxel's running maximum
-        and sum of exponentials, a second adds exp(logit - max) / sum; the resampling of a channel does not
-        depend on the others, so each sweep sees the same values."""
+    @staticmethod
+    def _resampled(logits: torch.Tensor, pre: Preprocessed, model: Model, device: torch.device) -> torch.Tensor:
+        target = tuple(pre.shape_after_cropping)
+        out = torch.empty((logits.shape[0], *target), dtype=torch.half)
         per_channel = (int(np.prod(logits.shape[1:])) + int(np.prod(target))) * 4
         chunk = max(1, CHUNK_BYTES // per_channel)
-        cm = model.configuration
-
-        def resampled(c0: int) -> torch.Tensor:
+        for c0 in range(0, logits.shape[0], chunk):
             part = logits[c0:c0 + chunk].to(device)
-            return _call_with_device(cm.resampling_fn_probabilities, part, target, pre.target_spacing,
-                                     pre.spacing_transposed, device=device).float()
+            out[c0:c0 + chunk] = resample(model.configuration.resampling_fn_probabilities, part, target,
+                                          pre.target_spacing, pre.spacing_transposed, device).cpu()
+        return out
 
-        top = total = None
-        for c0 in range(0, logits.shape[0], chunk):
-            res = resampled(c0)
-            m = res.amax(0)
-            if top is None:
-                top, total = m, torch.exp(res - m).sum(0)
-            else:
-                new_top = torch.maximum(top, m)
-                total = total * torch.exp(top - new_top) + torch.exp(res - new_top).sum(0)
-                top = new_top
-            del res, m
-        region = self._region(model, pre)
-        scale = total.reciprocal_().mul_(weight)
-        for c0 in range(0, logits.shape[0], chunk):
-            p = torch.exp(resampled(c0).sub_(top)).mul_(scale)
-            region[c0:c0 + p.shape[0]] += p.to(region.device, torch.half)
-            del p
+    def sink(self, weight: float, device: torch.device) -> Callable[[int, torch.Tensor], None]:
+        """For the reference model streaming its bands: sink(first slice, averaged logits (C, n, ...)) finishes
+        those slices of the label map with every kept model."""
+
+        def take(z: int, logits: torch.Tensor) -> None:
+            self._band(z, z + logits.shape[1], device, torch.softmax(logits.float(), 0).mul_(weight))
+            if z + logits.shape[1] == self.target[0]:
+                self.streamed = True
+
+        return take
 
     @torch.inference_mode()
-    def labels(self, device: torch.device) -> torch.Tensor:
-        """The argmax (uint8, input grid) by slices; voxels no model covered (outside every crop) are background."""
-        shape = tuple(self.sums.shape[1:])
-        out = torch.empty(shape, dtype=torch.uint8, device=device)
-        step = _slices_per_chunk(self.sums[:, :1].numel() * 10)
-        for z in range(0, shape[0], step):
-            out[z:z + step] = self.sums[:, z:z + step].to(device).argmax(0)
-        return out
+    def _band(self, z0: int, z1: int, device: torch.device, total: torch.Tensor | None = None) -> None:
+        for resampler, weight in self.kept:
+            p = torch.softmax(resampler.band(z0, z1, device), 0).mul_(weight)
+            total = p if total is None else total.add_(p)
+            del p
+        self._region[z0:z1] = total.argmax(0).to(torch.uint8).cpu()
+
+    @torch.inference_mode()
+    def result(self, device: torch.device) -> torch.Tensor:
+        """The argmax (uint8) on the input grid, in the input's axis order. Bands no model streamed are made
+        here from the kept models."""
+        if not self.streamed:
+            # the float32 sum, a model's resampled band and its softmax
+            step = _slices_per_chunk(self.num_classes * int(np.prod(self.target[1:])) * 12)
+            for z in range(0, self.target[0], step):
+                self._band(z, min(z + step, self.target[0]), device)
+        return self.labels.permute(*self.back)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from cbctseg.model.loading import Model
-from cbctseg.inference.preprocess import Preprocessed, _call_with_device
+from cbctseg.inference.preprocess import Preprocessed, resample
 from cbctseg.inference.stitching import CHUNK_BYTES, _slices_per_chunk
 
 
@@ -41,8 +41,8 @@ def finalize(logits: torch.Tensor, pre: Preprocessed, model: Model, device: torc
         best_val = labels = None
         for c0 in range(0, logits.shape[0], channels_per_chunk):
             chunk = logits[c0:c0 + channels_per_chunk].to(device)
-            res = _call_with_device(cm.resampling_fn_probabilities, chunk, target_shape, pre.target_spacing,
-                                    pre.spacing_transposed, device=device)
+            res = resample(cm.resampling_fn_probabilities, chunk, target_shape, pre.target_spacing,
+                           pre.spacing_transposed, device)
             del chunk
             for j in range(res.shape[0]):
                 val = res[j].float()

@@ -30,12 +30,16 @@ class Preprocessed:
     target_spacing: list[float]
 
 
-def _call_with_device(fn, *args, device: torch.device):
-    """nnU-Net's resampling functions are partials; the torch ones take a device, the others do not."""
+def resample(fn, data: torch.Tensor, new_shape, current_spacing, new_spacing, device: torch.device) -> torch.Tensor:
+    """nnU-Net's resampling function `fn` (a partial, as the plans give it) applied to data (C, ...), as a
+    float tensor on `device`. The torch functions take a device; the default (scipy) ones take and return
+    numpy arrays, on the CPU."""
     target = fn.func if hasattr(fn, "func") else fn
     if "device" in inspect.signature(target).parameters:
-        return fn(*args, device=device)
-    return fn(*args)
+        out = fn(data, new_shape, current_spacing, new_spacing, device=device)
+    else:
+        out = fn(data.cpu().float().numpy(), new_shape, current_spacing, new_spacing)
+    return torch.as_tensor(out).to(device)
 
 
 def nonzero_bbox(data: torch.Tensor) -> list[list[int]]:
@@ -89,7 +93,7 @@ def preprocess(image: np.ndarray, spacing_zyx: list[float], model: Model, device
     if len(target) < len(shape_after_crop):
         target = [spacing[0], *target]
     new_shape = compute_new_shape(shape_after_crop, spacing, target)
-    data = _call_with_device(cm.resampling_fn_data, data, new_shape, spacing, target, device=device)
+    data = resample(cm.resampling_fn_data, data, new_shape, spacing, target, device)
     # on a GPU the networks' input is fp16 (model.input_dtype): half the bytes, the same answer (precision.py)
     return Preprocessed(data.to(model.input_dtype).contiguous(), shape_before, [list(map(int, b)) for b in bbox],
                         shape_after_crop, spacing, target)
