@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", default="window", choices=["window", "first", "each"],
                    help="untimed warm-up run per engine, once, on a case of one window's shape (all shapes share "
                         "the window shape), once on the first shape, or on each shape")
-    p.add_argument("--accumulate", default="auto", choices=["auto", "device", "cpu", "streamed"])
+    p.add_argument("--accumulate", default="auto", choices=["auto", "device", "cpu", "streamed", "streamed-cpu"])
     p.add_argument("--engines", nargs="+", default=["ours", "nnunet"], choices=["ours", "nnunet"])
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the result JSON (smoke runs: not results/)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary model folder and caches")

@@ -38,7 +38,9 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-size", type=options.step_size, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--no-mirroring", action="store_true", help="skip test-time mirroring (4x fewer passes)")
     p.add_argument("--accumulate", default="auto", choices=options.ACCUMULATIONS,
-                   help="where logits accumulate (auto: the GPU when they fit, else streamed bands, else the CPU)")
+                   help="where logits accumulate (auto: a case at the plans' spacing streams bands of slices, on "
+                        "the GPU when one fits, else on the CPU; one that resamples keeps the whole image, on the "
+                        "GPU when it fits, else on the CPU)")
     p.add_argument("--batch-size", type=options.positive_int, default=1, help="windows per forward pass")
     p.add_argument("--compile", default="auto", choices=options.COMPILE_MODES,
                    help="compiled networks: an AOT package beside the weights for this device is used unless "

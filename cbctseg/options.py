@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-ACCUMULATIONS = ("auto", "device", "cpu", "streamed")
+ACCUMULATIONS = ("auto", "device", "cpu", "streamed", "streamed-cpu")
 COMPILE_MODES = ("auto", "on", "off")
 
 

@@ -61,8 +61,9 @@ def forward_bytes(model: Model, batch_size: int = 1) -> int:
 
 def choose_accumulation(model: Model, shape: tuple[int, ...], needs_resampling: bool, device: torch.device,
                         requested: str = "auto", batch_size: int = 1) -> Accumulation:
-    """Where the logits accumulate: streamed bands on the GPU when the case needs no resampling (the least GPU
-    memory at the same speed), else the whole volume on the GPU when it fits in free memory, else the CPU.
+    """Where the logits accumulate. A case that needs no resampling streams bands: on the GPU when a band fits
+    (the least GPU memory at the same speed), else on the CPU (half the host memory of the whole volume's sums).
+    A case that resamples keeps the whole volume: on the GPU when it fits in free memory, else on the CPU.
 
     On the CPU: streamed bands when the case needs no resampling (the ToothFairy2 case: a band of one patch's
     slices instead of the whole volume's fp16 sums, 3.6 GB instead of 6.7 GB on the largest case), else the
@@ -75,8 +76,9 @@ def choose_accumulation(model: Model, shape: tuple[int, ...], needs_resampling: 
     # the sums cover the image without the padding to the patch size (stitching.Accumulator)
     per_slice = int(np.prod(shape[1:])) * (2 * model.num_classes + 4)
     margin = forward_bytes(model, batch_size) + 1024**3
-    if not needs_resampling and per_slice * min(model.patch_size[0], shape[0]) + margin < free:
-        return Accumulation.STREAMED
+    if not needs_resampling:
+        fits = per_slice * min(model.patch_size[0], shape[0]) + margin < free
+        return Accumulation.STREAMED if fits else Accumulation.STREAMED_CPU
     if per_slice * shape[0] + margin < free:
         return Accumulation.DEVICE
     return Accumulation.CPU
@@ -152,8 +154,8 @@ def _accumulation(model: Model, pre: Preprocessed, device: torch.device, options
     needs_resampling = tuple(pre.data.shape[1:]) != tuple(pre.shape_after_cropping)
     accumulation = choose_accumulation(model, tuple(pre.data.shape[1:]), needs_resampling, device,
                                        options.accumulate, options.batch_size)
-    if accumulation == Accumulation.STREAMED and needs_resampling:
-        raise ValueError("--accumulate streamed needs a case at the plans' spacing (no resampling)")
+    if accumulation.streams and needs_resampling:
+        raise ValueError(f"--accumulate {accumulation.value} needs a case at the plans' spacing (no resampling)")
     return accumulation
 
 
@@ -200,7 +202,7 @@ def _predict_one(vol: gc_io.Volume, member: LoadedModel, device: torch.device, o
 def _run_order(accumulations: list[Accumulation]) -> list[int]:
     """The order the models run in: as listed, but the last model that can stream its bands (one on the input
     grid) goes last, so that its bands finish the label map with the models kept before it (`BandEnsemble`)."""
-    streaming = [k for k, a in enumerate(accumulations) if a == Accumulation.STREAMED]
+    streaming = [k for k, a in enumerate(accumulations) if a.streams]
     if not streaming:
         return list(range(len(accumulations)))
     return [k for k in range(len(accumulations)) if k != streaming[-1]] + [streaming[-1]]
@@ -218,11 +220,11 @@ def _predict_ensemble(vol: gc_io.Volume, members: list[LoadedModel], device: tor
     order = _run_order(accumulations)
     members, pres, accumulations = ([xs[k] for k in order] for xs in (members, pres, accumulations))
     for k, (member, pre) in enumerate(zip(members[:-1], pres)):
-        if accumulations[k] == Accumulation.STREAMED:  # kept whole for the bands: not streamed
+        if accumulations[k].streams:  # kept whole for the bands: not streamed
             accumulations[k] = choose_accumulation(member.model, tuple(pre.data.shape[1:]), True, device,
                                                    batch_size=options.batch_size)
     plans = [_plan(m, p, options) for m, p in zip(members, pres)]
-    streams_last = accumulations[-1] == Accumulation.STREAMED
+    streams_last = accumulations[-1].streams
     reference = len(members) - 1 if streams_last else 0
     ensemble = BandEnsemble(members[reference].model, pres[reference], members[0].model.num_classes)
     # the first pass of each model, in window forwards weighted by the patch's voxels

@@ -94,7 +94,7 @@ class BandEnsemble:
         those slices of the label map with every kept model."""
 
         def take(z: int, logits: torch.Tensor) -> None:
-            self._band(z, z + logits.shape[1], device, torch.softmax(logits.float(), 0).mul_(weight))
+            self._band(z, z + logits.shape[1], device, torch.softmax(logits.to(device).float(), 0).mul_(weight))
             if z + logits.shape[1] == self.target[0]:
                 self.streamed = True
 
@@ -117,4 +117,4 @@ class BandEnsemble:
             step = _slices_per_chunk(self.num_classes * int(np.prod(self.target[1:])) * 12)
             for z in range(0, self.target[0], step):
                 self._band(z, min(z + step, self.target[0]), device)
-        return self.labels.permute(*self.back)
+        return self.labels.permute(*self.back).to(device)

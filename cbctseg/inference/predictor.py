@@ -3,8 +3,8 @@ backend under the time budget.
 
 Items go in batches of one pass; the budget skips optional items it cannot afford, a backend that takes requests
 ahead of time (Triton) gets the next batches early, and each batch's logits are added to the sums
-(`stitching`), which live in one of three places (`Accumulation`): the same device, the CPU, or *streamed*:
-on the device but only for the band of slices the current windows touch, finishing (argmax) and freeing
+(`stitching`), which live in one of four places (`Accumulation`): the same device, the CPU, or *streamed*:
+only the band of slices the current windows touch, on the device or the CPU, finishing (argmax) and freeing
 every band no later window touches. Since any subset of the work is a correct weighted average, the budget
 may stop early, and an out-of-memory error (sums moved to the CPU, or the batch halved) costs nothing done.
 """
@@ -30,9 +30,14 @@ log = logging.getLogger(__name__)
 
 
 class Accumulation(str, Enum):
-    DEVICE = "device"
-    CPU = "cpu"
-    STREAMED = "streamed"
+    DEVICE = "device"  # the whole image's sums on the device
+    CPU = "cpu"  # the whole image's sums on the CPU
+    STREAMED = "streamed"  # a band of slices on the device
+    STREAMED_CPU = "streamed-cpu"  # a band of slices on the CPU (the networks on the device)
+
+    @property
+    def streams(self) -> bool:
+        return self in (Accumulation.STREAMED, Accumulation.STREAMED_CPU)
 
 
 @dataclass
@@ -107,7 +112,7 @@ def predict(model: Model, backend: Backend, data: torch.Tensor, step_size: float
     budget = budget or Budget(None)
     patch = model.patch_size
     padded, revert = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
-    streamed = accumulation == Accumulation.STREAMED
+    streamed = accumulation.streams
     plan = plan_case(tuple(data.shape[1:]), patch, step_size, len(model.folds), model.mirror_axes, use_mirroring,
                      slab_major=streamed)
     windows, items = plan.windows, plan.items
@@ -153,8 +158,9 @@ def _sums(model: Model, data: torch.Tensor, revert: tuple[slice, ...], gaussian:
     # the sums cover the image without its padding (the padding's logits would be cropped away anyway)
     origin, region = tuple(int(s.start) for s in revert[1:]), tuple(data.shape[1:])
     normaliser = Normaliser(gaussian, windows, passes)
-    if accumulation == Accumulation.STREAMED:
-        return StreamedLabels(model.num_classes, region, model.patch_size[0], device, normaliser, origin, sink)
+    if accumulation.streams:
+        band_device = device if accumulation == Accumulation.STREAMED else torch.device("cpu")
+        return StreamedLabels(model.num_classes, region, model.patch_size[0], band_device, normaliser, origin, sink)
     return Accumulator(model.num_classes, region, device if accumulation == Accumulation.DEVICE
                        else torch.device("cpu"), normaliser=normaliser, origin=origin)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cbctseg.model.ensemble import ENSEMBLE, Member, check_same_labels, locate_ensemble, write_ensemble
 from cbctseg.model.layout import is_empty, locate_model
-from cbctseg.model.manifest import (MANIFEST, SMALL_FILES, Manifest, ModelError, checkpoint_of, verify_folder,
+from cbctseg.model.manifest import (SMALL_FILES, Manifest, ModelError, checkpoint_of, verify_folder,
                                     write_manifest)
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from cbctseg.networks import precision
-from cbctseg.model.layout import GC_MODEL_DIR, default_model_folder, locate_model
+from cbctseg.model.layout import locate_model
 from cbctseg.model.manifest import (CHECKPOINT, DEMO_WARNING, MANIFEST, Manifest, ModelError, build_manifest,
                              undeclared_folds, verify_folder, write_manifest)
 
