@@ -1,12 +1,19 @@
-"""Our preprocessing (torch, on the device) against nnU-Net's DefaultPreprocessor on the same image."""
+"""Our preprocessing (torch, on the device) against nnU-Net's DefaultPreprocessor on the same image, and the way
+back (finalize) under plans that resample with nnU-Net's default functions."""
 from __future__ import annotations
+
+import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from cbctseg.inference import preprocess as P
+from cbctseg.inference.finalize import finalize
 from cbctseg.model.loading import load_model
 from cbctseg.training.phantom import PhantomSpec, make_phantom_arrays
 from conftest import WEIGHTS
@@ -53,3 +60,32 @@ def test_other_normalisation_takes_nnunets_path(model, monkeypatch):
 
 def test_nonzero_bbox_of_an_empty_image_is_the_whole_image():
     assert P.nonzero_bbox(torch.zeros((1, 4, 5, 6))) == [[0, 4], [0, 5], [0, 6]]
+
+
+def _under_default_resampling(model):
+    """The model under the plans nnU-Net's default planner writes: scipy resampling (numpy in and out)."""
+    plans = copy.deepcopy(model.plans_manager.plans)
+    config = plans["configurations"][model.configuration_name]
+    for kind, order in (("data", 3), ("probabilities", 1)):
+        config[f"resampling_fn_{kind}"] = "resample_data_or_seg_to_shape"
+        config[f"resampling_fn_{kind}_kwargs"] = {"is_seg": False, "order": order, "order_z": 0,
+                                                  "force_separate_z": None}
+    pm = PlansManager(plans)
+    return dataclasses.replace(model, plans_manager=pm, configuration=pm.get_configuration(model.configuration_name))
+
+
+def test_plans_with_nnunets_default_resampling_preprocess_and_finalize_as_nnunet(model):
+    scipy_model = _under_default_resampling(model)
+    image, _ = make_phantom_arrays(PhantomSpec(shape=(30, 41, 45), seed=6))
+    spacing = [1.35, 0.8, 1.0]  # resampled both ways
+    pre = P.preprocess(image, spacing, scipy_model, torch.device("cpu"))
+    ref, props = _nnunet(image, spacing, scipy_model)
+    np.testing.assert_allclose(pre.data.numpy(), ref, rtol=1e-5, atol=1e-5)
+    logits = (3 * torch.randn((scipy_model.num_classes, *pre.data.shape[1:]),
+                              generator=torch.Generator().manual_seed(2))).half()
+    ours = finalize(logits, pre, scipy_model, torch.device("cpu"))
+    expected = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits.float(), scipy_model.plans_manager, scipy_model.configuration,
+        scipy_model.plans_manager.get_label_manager(scipy_model.dataset_json), props)
+    assert ours.shape == image.shape
+    assert float((ours.numpy() == expected).mean()) >= 0.999  # random logits of 43 classes: near-ties

@@ -86,15 +86,14 @@ class BandResampler:
         if n_in == self.target[0]:
             x = self.logits[:, z0:z1].to(device, torch.float32)
         else:
-            i0, i1, _ = _sources((z0, z1), n_in, self.target[0], self.modes[0])
-            lo, hi = int(min(i0.min(), i1.min())), int(max(i0.max(), i1.max())) + 1
-            # the source slices this band reads; the source indices shift by lo
+            i0, i1, lam = _sources((z0, z1), n_in, self.target[0], self.modes[0])
+            lo, hi = int(i0.min()), int(i1.max()) + 1  # the source slices this band reads
             part = self.logits[:, lo:hi].to(device, torch.float32)
-            i0, i1, lam = (t.to(device) for t in _sources((z0, z1), n_in, self.target[0], self.modes[0]))
-            x = part.index_select(1, i0 - lo)
+            i0, i1, lam = (i0 - lo).to(device), (i1 - lo).to(device), lam.to(device)
+            x = part.index_select(1, i0)
             if self.modes[0] != NEAREST:
                 w = lam.view(1, -1, 1, 1)
-                x.mul_(1 - w).add_(part.index_select(1, i1 - lo).mul_(w))
+                x.mul_(1 - w).add_(part.index_select(1, i1).mul_(w))
             del part
         inplane = self.target[1:]
         if tuple(x.shape[2:]) == inplane:
