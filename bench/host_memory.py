@@ -150,6 +150,11 @@ def git_commit(code: Path) -> str | None:
         return None
 
 
+def _shown(code: Path) -> str:
+    """The checkout as the result names it: "." for this repository, else the path given."""
+    return "." if code.resolve() == REPO.resolve() else str(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["8x512x512", "298x512x512"], help="cases, ZxYxX at 0.3 mm")
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or BENCH / "results" / "host_memory" / f"{date}-{a.label}.json"
     result = {
         "date": date, "label": a.label, "machine": a.machine, "cpu_count": os.cpu_count(),
-        "code": str(a.code), "code_commit": git_commit(a.code), "python": platform.python_version(),
+        "code": _shown(a.code), "code_commit": git_commit(a.code), "python": platform.python_version(),
         "settings": {"device": a.device, "folds": a.folds or "all", "mirroring": not a.no_mirroring,
                      "step_size": a.step_size, "compile": a.compile, "configuration": TF2_CONFIGURATION,
                      "network": "ToothFairy2 width" if a.full_width else
