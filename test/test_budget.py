@@ -138,14 +138,16 @@ def test_partial_ensemble_is_the_weighted_average_of_the_items_done(weights):
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_streamed_device_and_cpu_accumulation_give_the_same_labels(weights, batch_size):
     model, _ = _model(folds=("0",))
-    pre = _data(model, (56, 96, 96), seed=4)
+    # 4 windows, overlapping along z (the streamed bands' axis) and x; 16 items with the flips
+    pre = _data(model, (56, 72, 100), seed=4)
+    assert len(sliding_windows(tuple(pre.data.shape[1:]), model.patch_size, 0.5)) == 4
     # every mode sends the same windows in the same batches: each batch's logits are computed once
     backend = LocalBackend([Replay(n) for n in model.networks], CPU, {"kind": "replay"})
     labels = {}
     for mode in Accumulation:
         result, is_labels, report = predict(model, backend, pre.data, 0.5, True, mode, None, batch_size,
                                             progress=False)
-        assert is_labels == (mode == Accumulation.STREAMED) and report.items_done == 32
+        assert is_labels == (mode == Accumulation.STREAMED) and report.items_done == 16
         labels[mode] = finalize(result, pre, model, CPU, is_labels).numpy()
     ref = labels[Accumulation.DEVICE]
     # the same sums in the same order
