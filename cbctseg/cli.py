@@ -54,9 +54,7 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
                    help="also write a PNG per case (axial, coronal, sagittal slices with the labels) to this folder")
     p.add_argument("--report", type=Path, default=None,
                    help="write the per-case JSON reports to this file (default: stderr only)")
-    from cbctseg.networks.triton_backend import add_backend_arguments
-
-    add_backend_arguments(p)
+    options.add_backend_arguments(p)
 
 
 def _train_parser(p: argparse.ArgumentParser) -> None:

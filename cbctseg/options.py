@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 ACCUMULATIONS = ("auto", "device", "cpu", "streamed", "streamed-cpu")
 COMPILE_MODES = ("auto", "on", "off")
+TRITON_URL = os.environ.get("CBCTSEG_TRITON_URL", "127.0.0.1:8001")
 
 
 @dataclass(frozen=True)
@@ -73,3 +75,16 @@ def positive_int(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
     return n
+
+
+def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    """--backend and the Triton options, for `predict` and `cohort`. Here rather than beside the Triton backend,
+    which imports torch: a command line that argparse refuses is answered at once."""
+    p.add_argument("--backend", choices=["local", "triton"], default="local",
+                   help="where the networks run: here (default) or on a Triton server (see export-triton)")
+    p.add_argument("--triton-url", default=TRITON_URL,
+                   help="Triton gRPC host:port (default $CBCTSEG_TRITON_URL or 127.0.0.1:8001)")
+    p.add_argument("--triton-timeout", type=float, default=120.0, help="seconds per request before it is retried")
+    p.add_argument("--triton-retries", type=int, default=3, help="retries of a failed request, with backoff")
+    p.add_argument("--triton-in-flight", type=int, default=4,
+                   help="batches of windows on the server at once, per case (its dynamic batcher merges them)")

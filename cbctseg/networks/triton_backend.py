@@ -11,7 +11,6 @@ server and the model.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import threading
 import time
@@ -24,13 +23,13 @@ import numpy as np
 import torch
 
 from cbctseg.networks.triton_export import HASH_PARAM, VERSION, model_name, weights_hash
+from cbctseg.options import add_backend_arguments  # noqa: F401 (the predict and cohort commands' options)
 
 T = TypeVar("T")
 # worth another try: the server restarting or overloaded, a deadline missed; anything else is final
 TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
              "StatusCode.ABORTED"}
 MAX_MESSAGE_BYTES = 2**31 - 1 - (1 << 20)  # gRPC's limit, less room for the message's own fields
-DEFAULT_URL = os.environ.get("CBCTSEG_TRITON_URL", "127.0.0.1:8001")
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
 
 
@@ -206,18 +205,6 @@ def remote_networks(url: str, weights_dir: Path, folds: list[str], timeout_s: fl
     """One TritonNetwork per fold, each checked against the weights hash of weights_dir's fold."""
     return [TritonNetwork(url, model_name(str(f)), weights_hash(Path(weights_dir), str(f)), timeout_s, retries)
             for f in folds]
-
-
-def add_backend_arguments(p: argparse.ArgumentParser) -> None:
-    """--backend and the Triton options, for `predict` and `cohort`."""
-    p.add_argument("--backend", choices=["local", "triton"], default="local",
-                   help="where the networks run: here (default) or on a Triton server (see export-triton)")
-    p.add_argument("--triton-url", default=DEFAULT_URL,
-                   help="Triton gRPC host:port (default $CBCTSEG_TRITON_URL or 127.0.0.1:8001)")
-    p.add_argument("--triton-timeout", type=float, default=120.0, help="seconds per request before it is retried")
-    p.add_argument("--triton-retries", type=int, default=3, help="retries of a failed request, with backoff")
-    p.add_argument("--triton-in-flight", type=int, default=4,
-                   help="batches of windows on the server at once, per case (its dynamic batcher merges them)")
 
 
 class TritonBackend:
