@@ -3,12 +3,14 @@
 Parallel streams: run_tests.sh may start several pytest processes on the same selection, with
 CBCTSEG_TEST_CLAIMS naming a folder they share. Each stream walks the test modules in the same order (the
 longest first) and runs a module only if it is the first to claim it there, so every module runs once, in one
-process, with its module fixtures.
+process, with its module fixtures. Modules of one group in SHARED (which share a session fixture that is costly
+to make) are claimed together, so the fixture is made once.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -19,9 +21,12 @@ import SimpleITK as sitk
 
 CLAIMS = os.environ.get("CBCTSEG_TEST_CLAIMS")
 # modules that take longest alone: started first, so that no stream is left with a long one at the end
-LONGEST_FIRST = ("test_training.py", "test_logit_overflow.py", "test_triton.py", "test_budget.py", "test_oracle.py",
-                 "test_ensemble.py", "test_aot_package.py", "test_memory_bounds.py", "test_hardening_io.py",
-                 "test_model_verification.py", "test_ensemble_file.py", "test_inputs.py")
+# (test_container.py with its image checks, as CI runs them)
+LONGEST_FIRST = ("test_container.py", "test_aot_package.py", "test_training.py", "test_triton.py",
+                 "test_logit_overflow.py", "test_oracle.py", "test_memory_bounds.py", "test_budget.py",
+                 "test_model_verification.py", "test_hardening_io.py", "test_ensemble.py", "test_inputs.py")
+# modules that share a session fixture (the AOT package), run by one stream: {module: group}
+SHARED = {"test_container.py": "aot_package", "test_aot_package.py": "aot_package"}
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = Path(os.environ.get("CBCTSEG_TEST_WEIGHTS", REPO / "weights"))
@@ -109,17 +114,34 @@ def weights() -> Path:
     return WEIGHTS
 
 
+@pytest.fixture(scope="session")
+def aot_packaged(tmp_path_factory, weights) -> Path:
+    """A copy of the bundled weights with a CPU AOT package built by `process.py compile --aot` (a minute of
+    compiling: made once for the modules of SHARED's group aot_package; copy it before changing it)."""
+    folder = tmp_path_factory.mktemp("aot") / "weights"
+    shutil.copytree(weights, folder, ignore=shutil.ignore_patterns("compile_cache"))
+    r = run_process("compile", "--aot", "--weights", str(folder), "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "AOT package built" in r.stdout
+    return folder
+
+
 def pytest_collection_modifyitems(config, items):
     """With parallel streams: the modules in the order the streams take them (each module's tests in order)."""
     if not CLAIMS:
         return
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     modules = list(dict.fromkeys(item.path for item in items))
-    order = {path: (rank.get(path.name, len(rank)), i) for i, path in enumerate(modules)}
+    # a group's modules together, where its first ranked module is
+    group_rank = {}
+    for name, r in sorted(rank.items(), key=lambda kv: kv[1]):
+        group_rank.setdefault(SHARED.get(name, name), r)
+    order = {path: (group_rank.get(SHARED.get(path.name, path.name), len(rank)), rank.get(path.name, len(rank)), i)
+             for i, path in enumerate(modules)}
     items.sort(key=lambda item: order[item.path])
 
 
-_claimed: dict[Path, bool] = {}
+_claimed: dict[str, bool] = {}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -127,11 +149,11 @@ def pytest_runtest_protocol(item, nextitem):
     """With parallel streams: run the item if this stream claims (or claimed) its module, else pass it by."""
     if not CLAIMS:
         return None
-    if item.path not in _claimed:
-        marker = Path(CLAIMS) / (str(item.path.relative_to(REPO)).replace(os.sep, "__") + ".claim")
+    unit = SHARED.get(item.path.name) or str(item.path.relative_to(REPO)).replace(os.sep, "__")
+    if unit not in _claimed:
         try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            _claimed[item.path] = True
+            os.close(os.open(Path(CLAIMS) / (unit + ".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            _claimed[unit] = True
         except FileExistsError:
-            _claimed[item.path] = False
-    return None if _claimed[item.path] else True
+            _claimed[unit] = False
+    return None if _claimed[unit] else True

@@ -23,14 +23,10 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def packaged(tmp_path_factory, weights):
-    """A copy of the bundled weights with a CPU package built by `process.py compile --aot`."""
-    folder = tmp_path_factory.mktemp("aot") / "weights"
-    shutil.copytree(weights, folder, ignore=shutil.ignore_patterns("compile_cache"))
-    r = run_process("compile", "--aot", "--weights", str(folder), "--device", "cpu")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "AOT package built" in r.stdout
-    return folder
+def packaged(aot_packaged):
+    """A copy of the bundled weights with a CPU package built by `process.py compile --aot` (conftest; the tests
+    here leave it as it is)."""
+    return aot_packaged
 
 
 def _window(model, batch: int = 1, seed: int = 0) -> torch.Tensor:

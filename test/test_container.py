@@ -313,7 +313,7 @@ def image_torch_version(image: str) -> str:
     return r.stdout.strip().splitlines()[-1]
 
 
-def test_image_loads_an_aot_package_built_outside_it(image, sample_cases, shared_dir):
+def test_image_loads_an_aot_package_built_outside_it(image, sample_cases, shared_dir, request):
     """An AOT package built beside the model by `process.py compile --aot` on the same torch build (as one is
     built on the machine kind that will run it) is loaded unprivileged from the read-only /opt/ml/model."""
     import torch
@@ -323,11 +323,10 @@ def test_image_loads_an_aot_package_built_outside_it(image, sample_cases, shared
                     "--build-arg TORCH_INDEX_URL= to test AOT packages built here")
     if shutil.which("g++") is None:
         unavailable("g++ not found (building an AOT package compiles C++: apt-get install -y g++)")
+    # the bundled weights with a package that `process.py compile --aot` built here (conftest: test_aot_package
+    # checks the same package's answers)
     model = new_dir(shared_dir, "aot-model")
-    shutil.copytree(REPO / "weights", model, dirs_exist_ok=True, ignore=shutil.ignore_patterns("compile_cache"))
-    built = subprocess.run([sys.executable, str(REPO / "process.py"), "compile", "--aot", "--device", "cpu",
-                            "--weights", str(model)], capture_output=True, text=True, timeout=900)
-    assert built.returncode == 0, built.stderr[-3000:]
+    shutil.copytree(request.getfixturevalue("aot_packaged"), model, dirs_exist_ok=True)
     subprocess.run(["chmod", "-R", "a+rX", str(model)], check=True)
     out = new_dir(shared_dir, "aot-out")
     r = run_image(image, input_dir=SAMPLE_INPUT, output_dir=out, model=model)
