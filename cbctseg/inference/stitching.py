@@ -175,10 +175,11 @@ class Accumulator:
         if chunk.dtype == sums.dtype:
             # fp16 network output (autocast): fused, fp32 math and one rounding
             sums.addcmul_(chunk, w16)
-        elif dims:
-            sums += chunk.mul_(w32)  # the flipped chunk is a copy already: weight it in place
-        else:
-            sums += chunk * w32
+            return
+        # fp32 logits: weighted, added to the sums in fp32 and rounded once, as `sums += chunk * w32` does, in
+        # the weighted chunk's own memory; a third faster on the CPU than the mixed-dtype in-place add
+        weighted = chunk.mul_(w32) if dims else chunk * w32  # the flipped chunk is a copy already
+        sums.copy_(weighted.add_(sums))
 
     def window_weight(self, target: tuple[slice, ...], source: tuple[slice, ...], weight: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
