@@ -62,6 +62,10 @@ def test_training_produces_weights_that_process_py_uses(trained, tmp_path):
     ckpt0 = torch.load(weights / "fold_0" / "checkpoint_final.pth", weights_only=False)
     k = next(iter(ckpt0["network_weights"]))
     assert not torch.equal(ckpt0["network_weights"][k], ckpt["network_weights"][k])
+    # fold 'all' skips nnU-Net's final validation, which would only predict the training cases again
+    for m in (1, 2):
+        assert (work / MODEL_DIR.format(m=m) / "checkpoint_final.pth").is_file()
+        assert not (work / MODEL_DIR.format(m=m) / "validation").exists()
     # labels were converted to contiguous values
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "nnUNet_raw/Dataset119_ToothFairy2/labelsTr/"
                                                     "ToothFairy2F_001.mha")))
