@@ -165,7 +165,7 @@ def run_ours(model, backend, image: np.ndarray, spacing: list[float], device: to
     from cbctseg.inference.preprocess import preprocess
     from cbctseg.resources import cutoffs, label_map
     from cbctseg.inference.predictor import predict
-    from cbctseg.run import choose_accumulation
+    from cbctseg.case import choose_accumulation
 
     t = {}
     sync(device)
@@ -183,7 +183,7 @@ def run_ours(model, backend, image: np.ndarray, spacing: list[float], device: to
     labels = finalize(result, pre, model, device, is_labels)
     del result
     lm = label_map()
-    if model.num_classes == lm.num_classes:  # the real pipeline's post-processing, as run.py does it
+    if model.num_classes == lm.num_classes:  # the real pipeline's post-processing, as case.py does it
         to_fdi(labels, lm, cutoffs())[0].cpu().numpy()
     else:
         labels.cpu().numpy()

@@ -35,7 +35,7 @@ def main() -> int:
     device = torch.device(a.device)
     if a.engine == "ours":
         sys.path.insert(0, str(REPO))
-        import cbctseg.run  # noqa: F401  (what process.py imports before the first case)
+        import cbctseg.case  # noqa: F401  (what process.py imports before the first case)
         from cbctseg.networks.compile_cache import maybe_compile
         from cbctseg.model.loading import load_model
 

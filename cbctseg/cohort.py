@@ -1,6 +1,6 @@
 """Cohort mode: many cases from a folder or a list file, K in flight, resumable, with a JSON summary.
 
-Each of K worker threads runs the engine's own per-case function (`run.predict_case`) with the one shared
+Each of K worker threads runs the engine's own per-case function (`case.predict_case`) with the one shared
 model. With the Triton backend this is what keeps the server busy: while one case is read, preprocessed or
 finalized here, the windows of the others are on the server, where dynamic batching merges them. Outputs
 are written atomically, so an existing output is a finished case: a rerun skips it (resume after a crash
@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from cbctseg.io import gc_io
 from cbctseg.model.loading import ModelError
-from cbctseg.options import ACCUMULATIONS, CaseOptions, positive_int, step_size
+from cbctseg.options import ACCUMULATIONS, CaseOptions, add_backend_arguments, positive_int, step_size
 from cbctseg.resources import task
 from cbctseg.inference.schedule import Budget
 from cbctseg.inference.ensemble import LoadedModel
-from cbctseg.networks.triton_backend import TritonError, add_backend_arguments
+from cbctseg.networks.triton_backend import TritonError
 
 log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def run_cohort(cases: list[gc_io.Case], members: list[LoadedModel], device: torc
 
     The members' backends are shared: the first case to need one chooses it (compiled or not) while the
     others wait."""
-    from cbctseg.run import predict_case
+    from cbctseg.case import predict_case
 
     todo = [c for c in cases if overwrite or not c.output_path.exists()]
     started = {c.output_path for c in todo}
@@ -147,7 +147,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     """The `cohort` subcommand: 0 when no case failed, 1 when some did, 2 when nothing could start."""
     from cbctseg.networks.device import select_device
-    from cbctseg.run import load_models
+    from cbctseg.case import load_models
 
     t0 = time.monotonic()
     try:

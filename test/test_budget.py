@@ -17,7 +17,7 @@ from cbctseg.training.phantom import PhantomSpec, make_phantom_arrays
 from cbctseg.inference.predictor import Accumulation, predict
 from cbctseg.inference.preprocess import preprocess
 from cbctseg.options import CaseOptions
-from cbctseg.run import predict_case
+from cbctseg.case import predict_case
 from cbctseg.inference.schedule import Budget, plan_work, sliding_windows
 from cbctseg.inference.stitching import Accumulator, StreamedLabels
 from conftest import WEIGHTS, write_phantom

@@ -24,7 +24,7 @@ from cbctseg.model.layout import MODEL_DIR_ENV
 from cbctseg.model.loading import load_model
 from cbctseg.networks.backend import BackendSlot, LocalBackend
 from cbctseg.options import CaseOptions
-from cbctseg.run import predict_case
+from cbctseg.case import predict_case
 from conftest import REPO, run_process, write_phantom
 from ensemble_reference import ENSEMBLE_CASE, make_second_configuration, nnunet_reference
 

@@ -48,7 +48,7 @@ from cbctseg import cohort  # noqa: E402
 from cbctseg.io import gc_io
 from cbctseg.model.loading import load_model
 from cbctseg.options import CaseOptions
-from cbctseg.run import predict_case
+from cbctseg.case import predict_case
 from cbctseg.inference.schedule import Budget
 from cbctseg.inference.ensemble import LoadedModel
 from cbctseg.networks.backend import BackendSlot, LocalBackend

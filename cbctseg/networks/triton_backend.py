@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from cbctseg.networks.triton_export import HASH_PARAM, VERSION, model_name, weights_hash
-from cbctseg.options import add_backend_arguments  # noqa: F401 (the predict and cohort commands' options)
 
 T = TypeVar("T")
 # worth another try: the server restarting or overloaded, a deadline missed; anything else is final
