@@ -65,10 +65,36 @@ def nnunet_labels(image: sitk.Image, folder: Path) -> np.ndarray:
     return label_map().to_fdi_lut()[seg]
 
 
-def all_passes(model_folder: Path, tmp_path: Path, with_plain: bool = False):
-    """Every pass of every window of the model on the test case, added to our sums (normalised), to plain fp16
-    sums (as nnU-Net's; None unless with_plain) and to exact fp64 sums: (normalised sums, plain sums, exact
-    average, exact weight sums)."""
+class Sums:
+    """One model's passes added to our sums (normalised), to plain fp16 sums as nnU-Net's (optional) and to
+    exact fp64 sums."""
+
+    def __init__(self, model, shape, gaussian, windows, passes: int, with_plain: bool):
+        self.acc = Accumulator(model.num_classes, shape, torch.device("cpu"),
+                               normaliser=Normaliser(gaussian, windows, passes))
+        self.plain = Accumulator(model.num_classes, shape, torch.device("cpu")) if with_plain else None
+        self.num = torch.zeros((model.num_classes, *shape), dtype=torch.float64)
+        self.den = torch.zeros(shape, dtype=torch.float64)
+
+    def add(self, window, y, gaussian, flip) -> None:
+        self.acc.add(window, y, gaussian, flip)
+        if self.plain is not None:
+            self.plain.add(window, y, gaussian, flip)
+        dims = [a + 1 for a in flip]
+        self.num[(slice(None), *window)] += (torch.flip(y, dims) if dims else y) * gaussian
+        self.den[window] += gaussian
+
+    @property
+    def exact(self) -> torch.Tensor:
+        return self.num / self.den
+
+
+@pytest.fixture(scope="module")
+def all_passes(tmp_path_factory):
+    """Every pass of every window of the bundled model on the test case, summed for its own logits and for the
+    offset model's (`OVERFLOW_FACTOR * logits + OVERFLOW_OFFSET`, what its changed segmentation layer outputs,
+    up to fp32 rounding): {"plain": Sums, "offset": Sums (with plain fp16 sums)}. One sweep of the network
+    serves both."""
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
@@ -77,7 +103,8 @@ def all_passes(model_folder: Path, tmp_path: Path, with_plain: bool = False):
     from cbctseg.inference.schedule import anytime_passes, sliding_windows
 
     cpu = torch.device("cpu")
-    model = load_model(model_folder, device=cpu)
+    tmp_path = tmp_path_factory.mktemp("passes")
+    model = load_model(WEIGHTS, device=cpu)
     write_phantom(tmp_path / "case.mha", shape=(46, 83, 101), origin=(-12.5, 30.0, 7.25), direction=OBLIQUE, seed=11)
     vol = gc_io.read_volume(tmp_path / "case.mha")
     data = pad_nd_image(preprocess(vol.array, vol.nnunet_properties["spacing"], model, cpu).data, model.patch_size)
@@ -86,43 +113,38 @@ def all_passes(model_folder: Path, tmp_path: Path, with_plain: bool = False):
     passes = anytime_passes(len(model.networks), model.mirror_axes)
     assert len(passes) == 8
     windows = sliding_windows(shape, model.patch_size, 0.5)
-    acc = Accumulator(model.num_classes, shape, cpu, normaliser=Normaliser(gaussian, windows, len(passes)))
-    plain = Accumulator(model.num_classes, shape, cpu) if with_plain else None
-    num = torch.zeros((model.num_classes, *shape), dtype=torch.float64)
-    den = torch.zeros(shape, dtype=torch.float64)
+    sums = {"plain": Sums(model, shape, gaussian, windows, len(passes), with_plain=False),
+            "offset": Sums(model, shape, gaussian, windows, len(passes), with_plain=True)}
     with torch.inference_mode():
         for window in windows:
             for p in passes:
                 dims = [a + 2 for a in p.flip]
                 x = data[(slice(None), *window)][None]
                 y = model.networks[p.fold](torch.flip(x, dims) if dims else x)[0]
-                acc.add(window, y, gaussian, p.flip)
-                if plain is not None:
-                    plain.add(window, y, gaussian, p.flip)
-                num[(slice(None), *window)] += (torch.flip(y, [d - 1 for d in dims]) if dims else y) * gaussian
-                den[window] += gaussian
-    return acc, plain, num / den, den
+                sums["plain"].add(window, y, gaussian, p.flip)
+                sums["offset"].add(window, y * OVERFLOW_FACTOR + OVERFLOW_OFFSET, gaussian, p.flip)
+    return sums
 
 
-def test_normalised_sums_hold_logits_that_overflow_a_plain_fp16_sum(tmp_path):
+def test_normalised_sums_hold_logits_that_overflow_a_plain_fp16_sum(all_passes):
     """Unnormalised, the offset model's passes overflow fp16; normalised, they give the passes' exact weighted
     average at every voxel, the image's corners included."""
-    model = logit_model_folder(tmp_path / "model", OVERFLOW_FACTOR, OVERFLOW_OFFSET)
-    acc, plain, exact, den = all_passes(model, tmp_path, with_plain=True)
+    s = all_passes["offset"]
     with pytest.raises(NonFiniteLogits, match="logits are not finite"):
-        plain.average()
-    avg = acc.average().double()
+        s.plain.average()
+    avg = s.acc.average().double()
+    exact = s.exact
     # fp16 sums (the same tolerance as test_budget's partial ensemble)
     torch.testing.assert_close(avg, exact, rtol=1e-2, atol=0.05)
     assert float((avg.argmax(0) == exact.argmax(0)).double().mean()) >= 0.999
 
 
-def test_voxels_covered_only_by_window_rims_get_the_exact_answer(tmp_path):
+def test_voxels_covered_only_by_window_rims_get_the_exact_answer(all_passes):
     """Along the image's edges and in its corners the windows' Gaussian weights are 1e-5 to 1e-8 (subnormal
     fp16): plain fp16 sums there keep a few bits, the normalised ones fp16's full precision. Every voxel whose
     exact top-two logit margin is at least 0.01 gets the exact answer's class."""
-    acc, _, exact, den = all_passes(WEIGHTS, tmp_path)
-    avg = acc.average().double()
+    s = all_passes["plain"]
+    avg, exact, den = s.acc.average().double(), s.exact, s.den
     rims = den < 1e-3
     top2 = exact.topk(2, dim=0).values
     decided = rims & (top2[0] - top2[1] >= 0.01)
