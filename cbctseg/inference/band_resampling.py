@@ -56,18 +56,23 @@ def _sources(out_range: tuple[int, int], in_size: int, out_size: int, mode: str
     return i0, i1, lam
 
 
-def _along(x: torch.Tensor, dim: int, out_range: tuple[int, int], out_size: int, mode: str) -> torch.Tensor:
-    """x (float32) interpolated along `dim` to output indices [a, b) of an axis of `out_size`."""
-    if x.shape[dim] == out_size:
-        return x.narrow(dim, out_range[0], out_range[1] - out_range[0])
-    i0, i1, lam = (t.to(x.device) for t in _sources(out_range, x.shape[dim], out_size, mode))
-    first = x.index_select(dim, i0)
+def _lerp(x: torch.Tensor, dim: int, i0: torch.Tensor, i1: torch.Tensor, lam: torch.Tensor,
+          mode: str) -> torch.Tensor:
+    """x (float32) at the source indices i0, i1 along `dim`, weighted 1 - lam and lam (i0 only for nearest)."""
+    first = x.index_select(dim, i0.to(x.device))
     if mode == NEAREST:
         return first
     shape = [1] * x.ndim
     shape[dim] = -1
-    lam = lam.view(shape)
-    return first.mul_(1 - lam).add_(x.index_select(dim, i1).mul_(lam))
+    lam = lam.to(x.device).view(shape)
+    return first.mul_(1 - lam).add_(x.index_select(dim, i1.to(x.device)).mul_(lam))
+
+
+def _along(x: torch.Tensor, dim: int, out_size: int, mode: str) -> torch.Tensor:
+    """x (float32) interpolated along `dim` to `out_size`."""
+    if x.shape[dim] == out_size:
+        return x
+    return _lerp(x, dim, *_sources((0, out_size), x.shape[dim], out_size, mode), mode)
 
 
 class BandResampler:
@@ -88,13 +93,7 @@ class BandResampler:
         else:
             i0, i1, lam = _sources((z0, z1), n_in, self.target[0], self.modes[0])
             lo, hi = int(i0.min()), int(i1.max()) + 1  # the source slices this band reads
-            part = self.logits[:, lo:hi].to(device, torch.float32)
-            i0, i1, lam = (i0 - lo).to(device), (i1 - lo).to(device), lam.to(device)
-            x = part.index_select(1, i0)
-            if self.modes[0] != NEAREST:
-                w = lam.view(1, -1, 1, 1)
-                x.mul_(1 - w).add_(part.index_select(1, i1).mul_(w))
-            del part
+            x = _lerp(self.logits[:, lo:hi].to(device, torch.float32), 1, i0 - lo, i1 - lo, lam, self.modes[0])
         inplane = self.target[1:]
         if tuple(x.shape[2:]) == inplane:
             return x
@@ -103,5 +102,5 @@ class BandResampler:
             mode = "bilinear" if self.modes[1] == LINEAR else NEAREST
             return F.interpolate(x, size=inplane, mode=mode)
         for dim in (2, 3):
-            x = _along(x, dim, (0, self.target[dim - 1]), self.target[dim - 1], self.modes[dim - 1])
+            x = _along(x, dim, self.target[dim - 1], self.modes[dim - 1])
         return x

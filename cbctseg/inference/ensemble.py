@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from cbctseg.inference.band_resampling import LINEAR, BandResampler, axis_modes
-from cbctseg.inference.preprocess import Preprocessed, resample
-from cbctseg.inference.stitching import CHUNK_BYTES, _slices_per_chunk
+from cbctseg.inference.finalize import resampled_chunks
+from cbctseg.inference.preprocess import Preprocessed
+from cbctseg.inference.stitching import _slices_per_chunk
 from cbctseg.model.loading import Model
 from cbctseg.networks.backend import BackendSlot
 
@@ -47,7 +48,7 @@ class BandEnsemble:
     def __init__(self, reference: Model, pre: Preprocessed, num_classes: int):
         self.order = list(reference.plans_manager.transpose_forward)
         self.back = list(reference.plans_manager.transpose_backward)
-        self.pre, self.num_classes = pre, num_classes
+        self.num_classes = num_classes
         self.target = tuple(int(s) for s in pre.shape_after_cropping)
         self.kept: list[tuple[BandResampler, float]] = []
         self.labels = torch.zeros(tuple(pre.shape_before_cropping), dtype=torch.uint8)
@@ -79,14 +80,9 @@ class BandEnsemble:
 
     @staticmethod
     def _resampled(logits: torch.Tensor, pre: Preprocessed, model: Model, device: torch.device) -> torch.Tensor:
-        target = tuple(pre.shape_after_cropping)
-        out = torch.empty((logits.shape[0], *target), dtype=torch.half)
-        per_channel = (int(np.prod(logits.shape[1:])) + int(np.prod(target))) * 4
-        chunk = max(1, CHUNK_BYTES // per_channel)
-        for c0 in range(0, logits.shape[0], chunk):
-            part = logits[c0:c0 + chunk].to(device)
-            out[c0:c0 + chunk] = resample(model.configuration.resampling_fn_probabilities, part, target,
-                                          pre.target_spacing, pre.spacing_transposed, device).cpu()
+        out = torch.empty((logits.shape[0], *pre.shape_after_cropping), dtype=torch.half)
+        for c0, res in resampled_chunks(logits, pre, model, device):
+            out[c0:c0 + res.shape[0]] = res.cpu()
         return out
 
     def sink(self, weight: float, device: torch.device) -> Callable[[int, torch.Tensor], None]:

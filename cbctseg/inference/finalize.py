@@ -5,12 +5,33 @@ copy of the logits and no int64 index of the volume is made.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
 from cbctseg.model.loading import Model
 from cbctseg.inference.preprocess import Preprocessed, resample
 from cbctseg.inference.stitching import CHUNK_BYTES, _slices_per_chunk
+
+
+def resampled_chunks(logits: torch.Tensor, pre: Preprocessed, model: Model, device: torch.device,
+                     channels_per_chunk: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first channel, chunk) of the logits (C, *model grid) resampled back to the cropped input grid with the
+    model's own function, a chunk of channels at a time on `device` (CHUNK_BYTES of fp32 copies by default):
+    resampling treats channels independently, so the chunks are the whole result's."""
+    target_shape = tuple(pre.shape_after_cropping)
+    if channels_per_chunk is None:
+        # resampling makes a float32 copy of its input and its float32 result, per channel
+        per_channel = (int(np.prod(logits.shape[1:])) + int(np.prod(target_shape))) * 4
+        channels_per_chunk = max(1, CHUNK_BYTES // per_channel)
+    for c0 in range(0, logits.shape[0], channels_per_chunk):
+        chunk = logits[c0:c0 + channels_per_chunk].to(device)
+        res = resample(model.configuration.resampling_fn_probabilities, chunk, target_shape, pre.target_spacing,
+                       pre.spacing_transposed, device)
+        del chunk
+        yield c0, res
+        del res
 
 
 @torch.inference_mode()
@@ -22,7 +43,7 @@ def finalize(logits: torch.Tensor, pre: Preprocessed, model: Model, device: torc
     maximum, so neither the float32 copy nnU-Net makes of all 43 channels nor an int64 index of the volume
     ever exists; the result is the same because resampling treats channels independently.
     """
-    pm, cm = model.plans_manager, model.configuration
+    pm = model.plans_manager
     target_shape = tuple(pre.shape_after_cropping)
     if is_labels:
         if tuple(logits.shape) != target_shape:
@@ -34,16 +55,8 @@ def finalize(logits: torch.Tensor, pre: Preprocessed, model: Model, device: torc
         for z0 in range(0, target_shape[0], step):
             labels[z0:z0 + step] = logits[:, z0:z0 + step].to(device).argmax(0)
     else:
-        if channels_per_chunk is None:
-            # resampling makes a float32 copy of its input and its float32 result, per channel
-            per_channel = (int(np.prod(logits.shape[1:])) + int(np.prod(target_shape))) * 4
-            channels_per_chunk = max(1, CHUNK_BYTES // per_channel)
         best_val = labels = None
-        for c0 in range(0, logits.shape[0], channels_per_chunk):
-            chunk = logits[c0:c0 + channels_per_chunk].to(device)
-            res = resample(cm.resampling_fn_probabilities, chunk, target_shape, pre.target_spacing,
-                           pre.spacing_transposed, device)
-            del chunk
+        for c0, res in resampled_chunks(logits, pre, model, device, channels_per_chunk):
             for j in range(res.shape[0]):
                 val = res[j].float()
                 if best_val is None:
