@@ -124,6 +124,7 @@ def _file_id(path: Path) -> tuple[int, int] | None:
         return None
     return st.st_ino, st.st_mtime_ns
 
+
 def predict_main(args: argparse.Namespace) -> int:
     """The predict command. Exit code: 0 when at least one case was written, 1 when none was (every case failed)
     or on an unexpected error, 2 when the run cannot start (output, temporary directory, budget, device, inputs,
