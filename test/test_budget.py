@@ -12,6 +12,7 @@ from cbctseg.io import gc_io
 from cbctseg.inference.finalize import finalize
 from cbctseg.model.loading import load_model
 from cbctseg.inference.ensemble import LoadedModel
+from cbctseg.networks import lean_forward
 from cbctseg.networks.backend import BackendSlot, LocalBackend
 from cbctseg.training.phantom import PhantomSpec, make_phantom_arrays
 from cbctseg.inference.predictor import Accumulation, predict
@@ -69,9 +70,11 @@ class FakeClock:
 
 
 def _model(folds=("0", "1"), **wrap):
-    """The model and a backend whose networks are Recorders around the model's own."""
+    """The model and a backend whose networks are Recorders around the model's own, run lean as the engine runs
+    them."""
     model = load_model(WEIGHTS, list(folds), CPU)
-    return model, LocalBackend([Recorder(n, **wrap) for n in model.networks], CPU, {"kind": "recorded"})
+    return model, LocalBackend([Recorder(lean_forward.lean(n), **wrap) for n in model.networks], CPU,
+                               {"kind": "recorded"})
 
 
 def _data(model, shape, seed=2):
@@ -142,7 +145,7 @@ def test_streamed_device_and_cpu_accumulation_give_the_same_labels(weights, batc
     pre = _data(model, (56, 72, 100), seed=4)
     assert len(sliding_windows(tuple(pre.data.shape[1:]), model.patch_size, 0.5)) == 4
     # every mode sends the same windows in the same batches: each batch's logits are computed once
-    backend = LocalBackend([Replay(n) for n in model.networks], CPU, {"kind": "replay"})
+    backend = LocalBackend([Replay(lean_forward.lean(n)) for n in model.networks], CPU, {"kind": "replay"})
     labels = {}
     for mode in Accumulation:
         result, is_labels, report = predict(model, backend, pre.data, 0.5, True, mode, None, batch_size,

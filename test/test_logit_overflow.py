@@ -99,6 +99,7 @@ def all_passes(tmp_path_factory):
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
     from cbctseg.io import gc_io
+    from cbctseg.networks import lean_forward
     from cbctseg.inference.preprocess import preprocess
     from cbctseg.inference.schedule import anytime_passes, sliding_windows
 
@@ -115,12 +116,13 @@ def all_passes(tmp_path_factory):
     windows = sliding_windows(shape, model.patch_size, 0.5)
     sums = {"plain": Sums(model, shape, gaussian, windows, len(passes), with_plain=False),
             "offset": Sums(model, shape, gaussian, windows, len(passes), with_plain=True)}
+    networks = [lean_forward.lean(net) for net in model.networks]  # as the engine runs them
     with torch.inference_mode():
         for window in windows:
             for p in passes:
                 dims = [a + 2 for a in p.flip]
                 x = data[(slice(None), *window)][None]
-                y = model.networks[p.fold](torch.flip(x, dims) if dims else x)[0]
+                y = networks[p.fold](torch.flip(x, dims) if dims else x)[0]
                 sums["plain"].add(window, y, gaussian, p.flip)
                 sums["offset"].add(window, y * OVERFLOW_FACTOR + OVERFLOW_OFFSET, gaussian, p.flip)
     return sums
