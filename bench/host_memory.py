@@ -2,8 +2,8 @@
 
 A model folder of the ToothFairy2 configuration (patch 160x320x320, 43 classes, 7 stages) is built with
 `make_model.py`, by default *narrowed* (4..32 features, one block per stage) so that a CPU runs it: the logit
-sums, the window's 43-channel output and finalize do not depend on the width, the network's own activations
-do. Each case is a phantom at the plans' 0.3 mm spacing (no resampling: the ToothFairy2 path), written
+sums, the chunks of a window's 43-channel output and finalize do not depend on the width, the network's own
+activations do. Each case is a phantom at the plans' 0.3 mm spacing (no resampling: the ToothFairy2 path), written
 once to --work and reused. Each run is `process.py` on one case in its own process; its peak resident set
 size is the kernel's (`wait4`'s ru_maxrss), its GPU peak `torch.cuda.max_memory_allocated` from the case
 report. A guard kills a run whose resident set passes --rss-limit-gb (recorded as exceeded), so that a
@@ -143,11 +143,15 @@ def run_case(code: Path, case: Path, model: Path, out: Path, args: argparse.Name
 
 
 def git_commit(code: Path) -> str | None:
+    """The checkout's commit, with "+changes" when its tracked files differ from it."""
     try:
-        return subprocess.run(["git", "-C", str(code), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip() or None
+        head = subprocess.run(["git", "-C", str(code), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(code), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+    return (head + "+changes" if changed else head) or None
 
 
 def _shown(code: Path) -> str:

@@ -10,7 +10,7 @@ The default is the ToothFairy2 winner's architecture (`bench/tf2_plans.json`, co
 
 --features / --blocks narrow the configuration's network (features and residual blocks per encoder stage)
 while keeping its patch, stages and classes: for host-memory measurements on a CPU (`host_memory.py`),
-where the sums, the window's 43-channel output and finalize do not depend on the width.
+where the sums, the chunks of a window's 43-channel output and finalize do not depend on the width.
 """
 from __future__ import annotations
 

@@ -53,6 +53,23 @@ def test_the_lean_pass_answers_as_nnunets_forward_bit_for_bit(networks, name):
         assert torch.equal(lean(x[:1]), net(x)[:1])
 
 
+def test_logits_by_chunks_are_the_segmentation_layers_output(networks):
+    """The stitcher reads a window's logits a chunk of channels and a region at a time; each read is the
+    segmentation layer's output there, and the whole output never exists."""
+    net, patch = networks["bundled"]
+    x = torch.randn((2, 1, *patch), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        full = lean_forward.lean(net)(x)
+        chunked = lean_forward.lean(net, head_by_chunks=True)(x)
+        assert isinstance(chunked, lean_forward.ChunkedLogits) and chunked.shape == full.shape
+        assert chunked[1].shape == full[1].shape
+        for window, channels, region in ((0, slice(None), ()), (1, slice(2, 5), (slice(3, 11), slice(None),
+                                                                                slice(5, 40)))):
+            part = chunked[window][(channels, *region)]
+            assert part.is_contiguous()
+            torch.testing.assert_close(part, full[window][(channels, *region)], rtol=1e-5, atol=1e-5)
+
+
 def _peak(run, x) -> int:
     tracker = LiveBytes()
     tracker.track(x)

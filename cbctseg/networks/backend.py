@@ -23,7 +23,8 @@ class Backend(Protocol):
     sends_ahead: bool  # whether `submit` sends requests ahead of time (else the loop only calls forward)
 
     def forward(self, fold: int, x: torch.Tensor) -> torch.Tensor:
-        """Fold `fold`'s logits (B, C, *patch) for windows x (B, 1, *patch), on x's device."""
+        """Fold `fold`'s logits (B, C, *patch) for windows x (B, 1, *patch), on x's device: a tensor, or
+        `lean_forward.ChunkedLogits`, whose channels are computed as the stitcher reads them."""
 
     def submit(self, fold: int, x: torch.Tensor) -> Future:
         """Send x ahead of time: a Future of what forward would return (only where sends_ahead)."""

@@ -123,8 +123,9 @@ def c_compiler() -> str | None:
 
 
 def _eager(networks: Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
-    """How uncompiled networks run: lean (a compiled graph frees each buffer after its last use by itself)."""
-    return [lean_forward.lean(n) for n in networks]
+    """How uncompiled networks run: lean, their logits computed a chunk of channels at a time as the windows are
+    stitched (a compiled graph frees each buffer after its last use by itself)."""
+    return [lean_forward.lean(n, head_by_chunks=True) for n in networks]
 
 
 def maybe_compile(networks: Sequence[torch.nn.Module], device: torch.device, weights_dir: Path,

@@ -18,6 +18,11 @@ the bundled network, whose forward pass takes 0.21 s instead of 0.37 s without i
 that of nnU-Net's forward on a batch of two, bit for bit; on a single window it differs from torch's slow
 path by float rounding only.
 
+With `head_by_chunks`, the pass stops before the segmentation layer (a 1x1x1 convolution) and returns
+`ChunkedLogits`: the decoder's last features, from which the layer computes the channels the stitcher reads, a
+chunk at a time. The window's whole output (43 channels of 160x320x320: 2.8 GB in fp32 on the CPU, 1.4 GB in
+fp16 on a GPU) never exists; the features it is computed from (4 to 32 channels) are held instead.
+
 Eager only: a compiled graph (torch.compile, AOT package) already frees each buffer after its last use.
 Networks of another structure (deep supervision, other decoders) run as they are.
 """
@@ -30,6 +35,7 @@ from dynamic_network_architectures.building_blocks.residual_encoders import Resi
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU, StackedConvBlocks
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 
+from cbctseg.networks.precision import autocast, pointwise
 
 
 def _chain(m: torch.nn.Module) -> list[torch.nn.Module] | None:
@@ -94,14 +100,46 @@ def supported(net: torch.nn.Module) -> bool:
             and not dec.deep_supervision and len(dec.stages) == len(dec.transpconvs))
 
 
-class LeanUNet(torch.nn.Module):
-    """A fold's network run lean; `net` is the network itself (its weights, unchanged)."""
+class ChunkedLogits:
+    """A batch of windows' logits (B, C, *patch), held as the decoder's last features (B, F, *patch).
 
-    def __init__(self, net: torch.nn.Module):
+    Indexing with a window number gives that window's logits, also chunked; indexing one window's logits with
+    (channels, *spatial slices) computes those channels with the segmentation layer, under the device's
+    autocast as the network ran, and returns that tensor. The same sums as the layer itself (on the CPU
+    `precision.pointwise`'s matrix product), for fewer output channels at a time."""
+
+    def __init__(self, features: torch.Tensor, head: torch.nn.Conv3d, window: int | None = None):
+        self.features, self.head, self.window = features, head, window
+        spatial = features.shape[2:]
+        self.shape = (head.out_channels, *spatial) if window is not None else \
+            (features.shape[0], head.out_channels, *spatial)
+
+    def is_contiguous(self) -> bool:
+        return True  # each chunk is computed contiguous
+
+    def __getitem__(self, key):
+        if self.window is None:
+            if not isinstance(key, int):
+                raise TypeError("index a batch's ChunkedLogits by window first")
+            return ChunkedLogits(self.features, self.head, range(self.features.shape[0])[key])
+        channels, *spatial = key if isinstance(key, tuple) else (key,)
+        # only the voxels asked for (a copy only where they are not the whole window)
+        x = self.features[self.window][(slice(None), *spatial)].contiguous()[None]
+        bias = self.head.bias[channels] if self.head.bias is not None else None
+        with autocast(x.device):
+            return pointwise(self.head.weight[channels], bias, x)[0]
+
+
+class LeanUNet(torch.nn.Module):
+    """A fold's network run lean; `net` is the network itself (its weights, unchanged). head_by_chunks: the
+    forward pass returns ChunkedLogits instead of the logits."""
+
+    def __init__(self, net: torch.nn.Module, head_by_chunks: bool = False):
         super().__init__()
         self.net = net
+        self.head_by_chunks = head_by_chunks
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | ChunkedLogits:
         enc, dec = self.net.encoder, self.net.decoder
         held = [x]  # the caller still holds the input window
         if getattr(enc, "stem", None) is not None:
@@ -129,9 +167,17 @@ class LeanUNet(torch.nn.Module):
             held.append(cat)
             del cat
             lres = _run(stage, held)
-        return dec.seg_layers[-1](lres)
+        head = dec.seg_layers[-1]
+        if self.head_by_chunks and type(head) is torch.nn.Conv3d and _is_pointwise(head):
+            return ChunkedLogits(lres, head)
+        return head(lres)
 
 
-def lean(net: torch.nn.Module) -> torch.nn.Module:
+def _is_pointwise(conv: torch.nn.Conv3d) -> bool:
+    return (conv.kernel_size == (1, 1, 1) and conv.stride == (1, 1, 1) and conv.padding == (0, 0, 0)
+            and conv.dilation == (1, 1, 1) and conv.groups == 1)
+
+
+def lean(net: torch.nn.Module, head_by_chunks: bool = False) -> torch.nn.Module:
     """net wrapped to run lean, or net itself where its structure is not nnU-Net's U-Net."""
-    return LeanUNet(net) if supported(net) else net
+    return LeanUNet(net, head_by_chunks) if supported(net) else net

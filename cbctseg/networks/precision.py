@@ -58,18 +58,23 @@ def layout_of(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _pointwise(conv: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1x1 convolution as one matrix product into a contiguous output (the same sums, fp32 rounding);
-    the convolution itself for anything but contiguous fp32 without autocast."""
-    if (x.dtype != torch.float32 or conv.weight.dtype != torch.float32 or not x.is_contiguous()
+def pointwise(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1x1 convolution (weight (C, F, 1, 1, 1)) of x (N, F, ...) as one matrix product into a contiguous
+    output (the same sums, fp32 rounding); the convolution itself for anything but contiguous fp32 without
+    autocast."""
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_contiguous()
             or torch.is_autocast_enabled(x.device.type)):
-        return conv._conv_forward(x, conv.weight, conv.bias)
+        return torch.nn.functional.conv3d(x, weight, bias)
     n, c = x.shape[:2]
     # detached: a weight that requires grad sends matmul down a path with a second output-sized tensor
-    y = torch.matmul(conv.weight.detach().reshape(conv.out_channels, c), x.reshape(n, c, -1))
-    if conv.bias is not None:
-        y += conv.bias.detach()[:, None]
-    return y.view(n, conv.out_channels, *x.shape[2:])
+    y = torch.matmul(weight.detach().reshape(weight.shape[0], c), x.reshape(n, c, -1))
+    if bias is not None:
+        y += bias.detach()[:, None]
+    return y.view(n, weight.shape[0], *x.shape[2:])
+
+
+def _pointwise(conv: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    return pointwise(conv.weight, conv.bias, x)
 
 
 def segmentation_layers_as_matmul(net: torch.nn.Module) -> int:
