@@ -94,10 +94,13 @@ def predict_case(case: gc_io.Case, members: list[LoadedModel], device: torch.dev
     num_classes = members[0].model.num_classes
     # every model's finalize (one for a single model) after its last window
     budget.reserve_s = len(members) * finalize_reserve_s(int(np.prod(vol.array.shape)), num_classes, device)
+    pres = [_preprocessed(vol, m.model, device, t) for m in members]
+    if not options.pictures:
+        vol = vol.without_voxels()  # the largest case's image is 0.3 GB that the windows need no more
     if len(members) == 1:
-        labels, parts = _predict_one(vol, members[0], device, options, budget, t)
+        labels, parts = _predict_one(pres[0], members[0], device, options, budget, t)
     else:
-        labels, parts = _predict_ensemble(vol, members, device, options, budget, t)
+        labels, parts = _predict_ensemble(pres, members, device, options, budget, t)
     t1 = time.monotonic()
     fdi, removed = to_fdi(labels, label_map(), cutoffs())
     del labels
@@ -159,11 +162,11 @@ def _backend(member: LoadedModel, pre: Preprocessed, device: torch.device, optio
     return backend
 
 
-def _predict_one(vol: gc_io.Volume, member: LoadedModel, device: torch.device, options: CaseOptions, budget: Budget,
+def _predict_one(pre: Preprocessed, member: LoadedModel, device: torch.device, options: CaseOptions, budget: Budget,
                  t: dict[str, float]) -> tuple[torch.Tensor, dict]:
-    """One model: its averaged logits' argmax on the input grid, and its parts of the case report."""
+    """One model on its preprocessed image: its averaged logits' argmax on the input grid, and its parts of the
+    case report."""
     model = member.model
-    pre = _preprocessed(vol, model, device, t)
     accumulation = _accumulation(model, pre, device, options)
     backend = _backend(member, pre, device, options, budget, t)
     t1 = time.monotonic()
@@ -187,14 +190,14 @@ def _run_order(accumulations: list[Accumulation]) -> list[int]:
     return [k for k in range(len(accumulations)) if k != streaming[-1]] + [streaming[-1]]
 
 
-def _predict_ensemble(vol: gc_io.Volume, members: list[LoadedModel], device: torch.device, options: CaseOptions,
-                      budget: Budget, t: dict[str, float]) -> tuple[torch.Tensor, dict]:
-    """Several models, one after the other (`_run_order`), combined band by band (`BandEnsemble`).
+def _predict_ensemble(pres: list[Preprocessed], members: list[LoadedModel], device: torch.device,
+                      options: CaseOptions, budget: Budget, t: dict[str, float]) -> tuple[torch.Tensor, dict]:
+    """Several models, each on its own preprocessed image (`pres`), one after the other (`_run_order`),
+    combined band by band (`BandEnsemble`).
 
     The budget spans the models: a model's optional work leaves time for the first pass of every later
     model, and a later model runs only when its first pass fits (projected from the seconds per window of
     the model before, scaled by the patch volume); every model done adds a complete answer."""
-    pres = [_preprocessed(vol, m.model, device, t) for m in members]
     accumulations = [_accumulation(m.model, p, device, options) for m, p in zip(members, pres)]
     order = _run_order(accumulations)
     members, pres, accumulations = ([xs[k] for k in order] for xs in (members, pres, accumulations))

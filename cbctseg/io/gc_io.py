@@ -5,7 +5,7 @@ import json
 import os
 import signal
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -51,6 +51,11 @@ class Volume:
     spacing: tuple[float, ...]
     origin: tuple[float, ...]
     direction: tuple[float, ...]
+
+    def without_voxels(self) -> Volume:
+        """The same shape and geometry, holding no voxels (array: a read-only zero-strided view of one zero): all
+        that writing the label map needs once the image has been preprocessed."""
+        return replace(self, array=np.broadcast_to(np.zeros((), dtype=np.float32), self.array.shape))
 
     @property
     def nnunet_properties(self) -> dict:
