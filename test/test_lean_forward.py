@@ -70,6 +70,21 @@ def test_logits_by_chunks_are_the_segmentation_layers_output(networks):
             torch.testing.assert_close(part, full[window][(channels, *region)], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+def test_a_convolution_by_slabs_is_the_whole_convolution_bit_for_bit(networks):
+    """A large window's full-resolution convolutions run slab by slab along z, each slab with its neighbouring
+    slices or the zero padding at the volume's ends: the same output bit for bit, as torch's for a batch of two."""
+    net, _ = networks["bundled"]
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size == (3, 3, 3)
+                and m.stride == (1, 1, 1) and m.in_channels > 1)
+    x = torch.randn((1, conv.in_channels, 21, 24, 20), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        whole = lean_forward.onednn_convolution(conv, x, slab_bytes=1 << 40)
+        assert torch.equal(whole, conv(torch.cat([x, x]))[:1])
+        for slab_bytes in (1, x.numel() * 4, x.numel() * 4 * 3):  # 1 slice, a few, most of the volume per slab
+            assert torch.equal(lean_forward.onednn_convolution(conv, x, slab_bytes=slab_bytes), whole)
+
+
 def _peak(run, x) -> int:
     tracker = LiveBytes()
     tracker.track(x)
