@@ -35,7 +35,7 @@ from dynamic_network_architectures.building_blocks.residual_encoders import Resi
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU, StackedConvBlocks
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 
-from cbctseg.networks.precision import autocast, pointwise
+from cbctseg.networks.precision import autocast, is_pointwise, pointwise
 
 
 def _chain(m: torch.nn.Module) -> list[torch.nn.Module] | None:
@@ -75,14 +75,17 @@ def _run(m: torch.nn.Module, held: list[torch.Tensor]) -> torch.Tensor:
 SLAB_BYTES = 128 * 1024**2
 
 
+def _blocked(channels: int) -> int:
+    return -(-channels // 16) * 16
+
+
 def onednn_convolution(conv: torch.nn.Conv3d, x: torch.Tensor, slab_bytes: int = SLAB_BYTES) -> torch.Tensor:
     """conv(x) through oneDNN; a stride-1 convolution padded to keep its depth runs slab by slab along z
     when oneDNN's copies of the whole would pass slab_bytes (each slab with its neighbouring slices, zeros
     beyond the volume, as the convolution's own padding)."""
     run = torch.ops.aten.mkldnn_convolution
     k, p = conv.kernel_size[0], conv.padding[0]
-    blocked = lambda c: -(-c // 16) * 16  # noqa: E731
-    per_slice = (blocked(conv.in_channels) + blocked(conv.out_channels)) * x[:, 0, 0].numel() * x.element_size()
+    per_slice = (_blocked(conv.in_channels) + _blocked(conv.out_channels)) * x[:, 0, 0].numel() * x.element_size()
     slices = max(1, slab_bytes // per_slice)
     if (slices >= x.shape[2] or conv.stride != (1, 1, 1) or conv.dilation != (1, 1, 1) or k % 2 == 0
             or p != k // 2):
@@ -199,14 +202,9 @@ class LeanUNet(torch.nn.Module):
             del cat
             lres = _run(stage, held)
         head = dec.seg_layers[-1]
-        if self.head_by_chunks and type(head) is torch.nn.Conv3d and _is_pointwise(head):
+        if self.head_by_chunks and type(head) is torch.nn.Conv3d and is_pointwise(head):
             return ChunkedLogits(lres, head)
         return head(lres)
-
-
-def _is_pointwise(conv: torch.nn.Conv3d) -> bool:
-    return (conv.kernel_size == (1, 1, 1) and conv.stride == (1, 1, 1) and conv.padding == (0, 0, 0)
-            and conv.dilation == (1, 1, 1) and conv.groups == 1)
 
 
 def lean(net: torch.nn.Module, head_by_chunks: bool = False) -> torch.nn.Module:

@@ -87,11 +87,16 @@ def segmentation_layers_as_matmul(net: torch.nn.Module) -> int:
     layers = getattr(getattr(net, "decoder", None), "seg_layers", None) or []
     changed = 0
     for conv in layers:
-        if (isinstance(conv, torch.nn.Conv3d) and conv.kernel_size == (1, 1, 1) and conv.stride == (1, 1, 1)
-                and conv.padding == (0, 0, 0) and conv.dilation == (1, 1, 1) and conv.groups == 1):
+        if is_pointwise(conv):
             conv.forward = types.MethodType(_pointwise, conv)
             changed += 1
     return changed
+
+
+def is_pointwise(conv: torch.nn.Module) -> bool:
+    """Whether conv is a plain 1x1x1 3D convolution (a matrix product over its channels)."""
+    return (isinstance(conv, torch.nn.Conv3d) and conv.kernel_size == (1, 1, 1) and conv.stride == (1, 1, 1)
+            and conv.padding == (0, 0, 0) and conv.dilation == (1, 1, 1) and conv.groups == 1)
 
 
 def prepare(net: torch.nn.Module, device: torch.device) -> int:
