@@ -14,8 +14,8 @@ import torch
 from cbctseg.io import gc_io
 from cbctseg.networks.device import describe, free_memory, peak_memory_gb
 from cbctseg.inference.finalize import finalize
-from cbctseg.model.ensemble import check_member_labels, members_for
 from cbctseg.model.loading import Model, ModelError, load_model
+from cbctseg.model.verify import VerifiedMember, verify_members
 from cbctseg.options import CaseOptions
 from cbctseg.inference.postprocess import to_fdi
 from cbctseg.inference.ensemble import BandEnsemble, LoadedModel
@@ -28,7 +28,6 @@ from cbctseg.inference.schedule import Budget, CasePlan, plan_case
 from cbctseg.networks.triton_backend import triton_backend
 
 log = logging.getLogger("cbctseg")
-APP_DIR = Path(__file__).resolve().parent.parent
 
 
 def forward_bytes(model: Model, batch_size: int = 1) -> int:
@@ -261,24 +260,26 @@ def _ensemble_prediction(runs: list[dict]) -> dict:
     return out
 
 
-def load_models(args: argparse.Namespace, device: torch.device) -> list[LoadedModel]:
-    """The run's models (`model.ensemble.members_for`: --weights, an ensemble file, the bundled weights), their
-    label maps compared before any network loads, each loaded and verified, each with its backend slot.
+def load_models(args: argparse.Namespace, device: torch.device,
+                verified: list[VerifiedMember] | None = None) -> list[LoadedModel]:
+    """The run's models, each loaded with its backend slot: those of `verify.verify_members` (--weights, an
+    ensemble file, the bundled weights; label maps compared and every folder verified before any network
+    loads), verified here unless `verified` holds them.
 
     Raises ModelError or TritonError."""
-    specs = members_for(args.weights, APP_DIR / "weights", args.folds)
-    if len(specs) > 1:  # a single model's labels are checked as it loads, with the messages of a bad folder
-        check_member_labels(specs)
+    if verified is None:
+        verified = verify_members(args.weights, args.folds)
     on_triton = getattr(args, "backend", "local") == "triton"
-    if on_triton and len(specs) > 1:
-        raise ModelError(f"--backend triton serves one model; this run has {len(specs)} (an ensemble): run it "
+    if on_triton and len(verified) > 1:
+        raise ModelError(f"--backend triton serves one model; this run has {len(verified)} (an ensemble): run it "
                          "with --backend local")
     models = []
-    for spec in specs:
+    for member in verified:
         # with Triton the local networks only stand in for the served ones: keep them off the GPU
-        model = load_model(spec.folder, spec.fold_list, torch.device("cpu") if on_triton else device,
-                           expected_classes=label_map().num_classes)
-        models.append(LoadedModel(model, BackendSlot(triton_backend(args, model.folder, model.folds)), spec.weight))
+        model = load_model(member.model.folder, device=torch.device("cpu") if on_triton else device,
+                           expected_classes=label_map().num_classes, verified=member.model)
+        models.append(LoadedModel(model, BackendSlot(triton_backend(args, model.folder, model.folds)),
+                                  member.weight))
     if len(models) > 1:
         log.info("ensemble of %d models: %s", len(models), ", ".join(
             f"{m.model.folder} ({m.model.configuration_name}, weight {m.weight:g})" for m in models))

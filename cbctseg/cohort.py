@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from cbctseg.io import gc_io
 from cbctseg.model.loading import ModelError
+from cbctseg.model.verify import VerifiedMember
 from cbctseg.options import ACCUMULATIONS, CaseOptions, add_backend_arguments, positive_int, step_size
 from cbctseg.resources import task
 from cbctseg.inference.schedule import Budget
@@ -31,7 +32,6 @@ from cbctseg.inference.ensemble import LoadedModel
 from cbctseg.networks.triton_backend import TritonError
 
 log = logging.getLogger(__name__)
-APP_DIR = Path(__file__).resolve().parent.parent
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 
 
@@ -144,8 +144,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_backend_arguments(p)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """The `cohort` subcommand: 0 when no case failed, 1 when some did, 2 when nothing could start."""
+def run_from_args(args: argparse.Namespace, verified: list[VerifiedMember] | None = None) -> int:
+    """The `cohort` subcommand: 0 when no case failed, 1 when some did, 2 when nothing could start. `verified`:
+    the run's models as `verify.verify_members` checked them (else checked here)."""
     from cbctseg.networks.device import select_device
     from cbctseg.case import load_models
 
@@ -153,7 +154,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         device = select_device(args.device)
         cases = read_cases(args.input, args.output)
-        members = load_models(args, device)
+        members = load_models(args, device, verified)
     except (ValueError, ModelError, TritonError) as e:  # InputError is a ValueError
         log.error("cohort: %s", e)
         return 2

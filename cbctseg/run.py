@@ -178,12 +178,19 @@ def _predict_cases(args: argparse.Namespace, run: RunRecord) -> int:
         temp = preflight.check_temp()
     except preflight.PreflightError as e:
         return _start_error(run, f"cannot start: {e}")
+    # the models are verified before the engine loads: a missing or damaged model fails fast too
+    from cbctseg.model.manifest import ModelError
+    from cbctseg.model.verify import verify_members
+
+    try:
+        verified = verify_members(args.weights, args.folds)
+    except ModelError as e:
+        return _start_error(run, f"cannot load the model: {e}")
     # the engine (torch, nnU-Net) only now: everything above fails fast without it
     import torch
 
     from cbctseg.case import load_models, predict_case
     from cbctseg.inference.schedule import Budget
-    from cbctseg.model.manifest import ModelError
     from cbctseg.networks.device import describe, select_device
     from cbctseg.networks.triton_backend import TritonError
 
@@ -198,7 +205,7 @@ def _predict_cases(args: argparse.Namespace, run: RunRecord) -> int:
     log.info("environment: %s", json.dumps(describe(device)))
     try:
         t0 = time.monotonic()
-        members = load_models(args, device)
+        members = load_models(args, device, verified)
         log.info("model loaded in %.1f s", time.monotonic() - t0)
     except (ModelError, TritonError) as e:
         return _start_error(run, f"cannot load the model: {e}")

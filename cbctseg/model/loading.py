@@ -18,7 +18,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from cbctseg.networks import precision
 from cbctseg.model.layout import locate_model
 from cbctseg.model.manifest import (CHECKPOINT, DEMO_WARNING, MANIFEST, Manifest, ModelError, build_manifest,
-                             undeclared_folds, verify_folder, write_manifest)
+                                    write_manifest)
+from cbctseg.model.verify import VerifiedModel, verify_model
 
 log = logging.getLogger(__name__)
 
@@ -72,27 +73,19 @@ def _load_json(path: Path) -> dict:
 
 
 def load_model(folder: Path, folds: list[str] | None = None, device: torch.device = torch.device("cpu"),
-               expected_classes: int | None = None, manifest: Manifest | None = None) -> Model:
-    """Verify the model folder, then load plans, dataset and each fold's network; checks that the folds agree
-    with each other and the plans.
+               expected_classes: int | None = None, manifest: Manifest | None = None,
+               verified: VerifiedModel | None = None) -> Model:
+    """Verify the model folder (unless `verified` says it was, `verify.verify_model`), then load plans, dataset
+    and each fold's network; checks that the folds agree with each other and the plans.
 
-    Verified first (`model_manifest.verify_folder`, nothing unpickled before): the folder's checksums.json (or
-    `manifest`, when sealing), every fold it declares present (`folds` picks some of them), each file's sha256,
-    dataset.json's labels against resources/labels.json. On a GPU the networks are stored as they compute there
-    (`precision.prepare`: fp16 convolutions).
+    Verified first (nothing unpickled before): the folder's checksums.json (or `manifest`, when sealing), every
+    fold it declares present (`folds` picks some of them), each file's sha256, dataset.json's labels against
+    resources/labels.json. On a GPU the networks are stored as they compute there (`precision.prepare`: fp16
+    convolutions).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelError(f"model folder {folder} does not exist")
-    if manifest is None and not (folder / "plans.json").is_file() and not (folder / MANIFEST).is_file():
-        located = locate_model(folder)  # no model, or two: the error says what the folder holds
-        if located != folder:
-            raise ModelError(f"{folder} is not a model folder: it holds one in {located}; pass that folder")
-    manifest, folds = verify_folder(folder, folds, manifest)
-    extra = undeclared_folds(folder, manifest)
-    if extra:
-        log.warning("model %s: fold(s) %s have checkpoints but %s does not declare them: not used", folder,
-                    ", ".join(extra), MANIFEST)
+    if verified is None:
+        verified = verify_model(folder, folds, manifest)
+    folder, folds, manifest = verified.folder, verified.folds, verified.manifest
     plans = _load_json(folder / "plans.json")
     dataset_json = _load_json(folder / "dataset.json")
     plans_manager = PlansManager(plans)
