@@ -249,10 +249,11 @@ def test_unknown_model_and_other_weights_are_clear_errors(server, tmp_path, weig
         remote_networks(server, other, ["0"])
 
 
-def test_server_errors_mid_case_leave_no_partial_output(repository, tmp_path, weights):
+def test_server_errors_mid_case_leave_no_partial_output(server, tmp_path, weights):
     write_phantom(tmp_path / "in" / "a.mha", shape=(56, 72, 100), seed=5)  # 4 windows a fold, fails at the 3rd
     write_phantom(tmp_path / "in" / "b.mha", shape=(40, 64, 64), seed=6)
-    with triton_server.serve(repository[0], fail_after=2) as url:  # each model answers twice, then fails
+    url = server
+    with triton_server.failing(url, after=2):  # each model answers twice more, then fails
         model = load_model(weights, FOLDS, CPU)
         backend = TritonBackend(remote_networks(url, weights, model.folds, retries=1), url)
         case = gc_io.Case("a.mha", tmp_path / "in" / "a.mha", tmp_path / "out1" / "a.mha")

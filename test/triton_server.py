@@ -9,7 +9,8 @@ container running the repository.
 
 Two halves:
 - `serve(repository)` (imported by the tests, in the project's venv) starts this file as a subprocess
-  with the Triton venv's python and yields the gRPC url once every model is ready.
+  with the Triton venv's python and yields the gRPC url once every model is ready; `failing(url, after)`
+  makes that server's models fail after some more answers, for as long as the block runs.
 - `python test/triton_server.py --repository DIR --grpc-port N ...` (in the Triton venv) is that server.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+_CONTROLS: dict[str, Path] = {}  # url of a running server -> its failure control file
 HASH_PARAM = "cbctseg_weights_sha256"  # as cbctseg.networks.triton_export writes it (this file runs without cbctseg)
 
 
@@ -49,29 +51,43 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(repository: Path, fail_after: int | None = None, start_timeout_s: float = 180.0,
-          attempts: int = 2) -> Iterator[str]:
+def serve(repository: Path, start_timeout_s: float = 180.0, attempts: int = 2) -> Iterator[str]:
     """Start a server for the repository; yields its gRPC url ("127.0.0.1:PORT"), stops it afterwards.
 
-    fail_after: every model answers that many requests, then returns an error for each later one.
     attempts: starts to try; Triton's python backend can fail to start on a starved CPU (its stubs must
     answer a health check within a second), which is about this test server, not the code under test.
     """
     for attempt in range(attempts):
         try:
-            server = _start(Path(repository), fail_after, start_timeout_s)
+            server = _start(Path(repository), start_timeout_s)
             break
         except RuntimeError:
             if attempt == attempts - 1:
                 raise
     proc, url, workspace = server
+    _CONTROLS[url] = workspace / "fail_after"
     try:
         yield url
     finally:
+        _CONTROLS.pop(url, None)
         _stop(proc, workspace)
 
 
-def _start(repository: Path, fail_after: int | None, start_timeout_s: float):
+@contextlib.contextmanager
+def failing(url: str, after: int) -> Iterator[None]:
+    """While the block runs, every model of the server at url (from serve) answers `after` more requests, then
+    returns an error for each later one; afterwards it answers again."""
+    control = _CONTROLS[url]
+    tmp = control.with_suffix(".tmp")
+    tmp.write_text(f"{after} {time.monotonic_ns()}")  # the nonce: a new block counts afresh
+    tmp.replace(control)
+    try:
+        yield
+    finally:
+        control.unlink(missing_ok=True)
+
+
+def _start(repository: Path, start_timeout_s: float):
     import tritonclient.grpc as grpcclient
 
     python = triton_python()
@@ -80,9 +96,8 @@ def _start(repository: Path, fail_after: int | None, start_timeout_s: float):
     ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
     workspace = Path(tempfile.mkdtemp(prefix="cbctseg-triton-"))  # PyTriton's files, removed on stop
     cmd = [str(python), str(Path(__file__).resolve()), "--repository", str(repository),
-           "--workspace", str(workspace / "pytriton"), *(f"--{k}-port={v}" for k, v in ports.items())]
-    if fail_after is not None:
-        cmd.append(f"--fail-after={fail_after}")
+           "--workspace", str(workspace / "pytriton"), "--control", str(workspace / "fail_after"),
+           *(f"--{k}-port={v}" for k, v in ports.items())]
     models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
     url = f"127.0.0.1:{ports['grpc']}"
     log_path = Path(os.environ.get("CBCTSEG_TRITON_LOG") or workspace / "server.log")
@@ -180,7 +195,16 @@ def _add_parameters(params: dict[str, dict[str, str]]) -> None:
     Model._get_triton_model_config = with_parameters
 
 
-def _infer_fn(model_file: Path, input_name: str, output_name: str, fail_after: int | None):
+def _armed(control: Path | None) -> tuple[int, str] | None:
+    """(answers left before failing, the arming's nonce) while a `failing` block runs, else None."""
+    try:
+        after, nonce = control.read_text().split()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return int(after), nonce
+
+
+def _infer_fn(model_file: Path, input_name: str, output_name: str, control: Path | None):
     import numpy as np
     import onnxruntime as ort
     from pytriton.decorators import batch
@@ -192,13 +216,16 @@ def _infer_fn(model_file: Path, input_name: str, output_name: str, fail_after: i
     # idle threads that spin take the CPU from the client, which shares the machine in tests
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
-    served = [0]
+    armed: dict = {"by": None, "served": 0}
 
     @batch
     def infer(**inputs):
-        served[0] += 1
-        if fail_after is not None and served[0] > fail_after:
-            raise RuntimeError(f"injected failure after {fail_after} requests")
+        now = _armed(control)
+        if now != armed["by"]:
+            armed.update(by=now, served=0)
+        armed["served"] += 1
+        if now is not None and armed["served"] > now[0]:
+            raise RuntimeError(f"injected failure after {now[0]} requests")
         x = np.ascontiguousarray(inputs[input_name], dtype=np.float16)
         return {output_name: session.run([output_name], {input_name: x})[0]}
 
@@ -216,8 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grpc-port", type=int, required=True)
     p.add_argument("--http-port", type=int, required=True)
     p.add_argument("--metrics-port", type=int, required=True)
-    p.add_argument("--fail-after", type=int, default=None)
     p.add_argument("--workspace", type=Path, default=None)
+    p.add_argument("--control", type=Path, default=None, help="a file that makes the models fail (failing())")
     args = p.parse_args(argv)
 
     dtypes = {model_config_pb2.TYPE_FP16: np.float16, model_config_pb2.TYPE_FP32: np.float32}
@@ -232,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         model_cfg = ModelConfig(max_batch_size=cfg.max_batch_size, batcher=DynamicBatcher(
             max_queue_delay_microseconds=cfg.dynamic_batching.max_queue_delay_microseconds))
         fn = _infer_fn(config_file.parent / str(versions[0]) / (cfg.default_model_filename or "model.onnx"),
-                       inp.name, out.name, args.fail_after)
+                       inp.name, out.name, args.control)
         bindings.append(dict(model_name=cfg.name, model_version=int(versions[0]), infer_func=fn, config=model_cfg,
                              inputs=[Tensor(name=inp.name, dtype=dtypes[inp.data_type], shape=tuple(inp.dims))],
                              outputs=[Tensor(name=out.name, dtype=dtypes[out.data_type], shape=tuple(out.dims))]))
