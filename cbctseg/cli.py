@@ -288,17 +288,9 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_cohort(args: argparse.Namespace) -> int:
-    from cbctseg.model.manifest import ModelError
-    from cbctseg.model.verify import verify_members
-
-    try:  # before the engine's imports: a missing or damaged model fails fast
-        verified = verify_members(args.weights, args.folds)
-    except ModelError as e:
-        log.error("cohort: %s", e)
-        return 2
     from cbctseg import cohort
 
-    return cohort.run_from_args(args, verified)
+    return cohort.run_from_args(args)
 
 
 def _run_ensemble(args: argparse.Namespace) -> int:

@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from cbctseg.io import gc_io
 from cbctseg.model.loading import ModelError
-from cbctseg.model.verify import VerifiedMember
 from cbctseg.options import ACCUMULATIONS, CaseOptions, add_backend_arguments, positive_int, step_size
 from cbctseg.resources import task
 from cbctseg.inference.schedule import Budget
@@ -144,9 +143,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_backend_arguments(p)
 
 
-def run_from_args(args: argparse.Namespace, verified: list[VerifiedMember] | None = None) -> int:
-    """The `cohort` subcommand: 0 when no case failed, 1 when some did, 2 when nothing could start. `verified`:
-    the run's models as `verify.verify_members` checked them (else checked here)."""
+def run_from_args(args: argparse.Namespace) -> int:
+    """The `cohort` subcommand: 0 when no case failed, 1 when some did, 2 when nothing could start."""
     from cbctseg.networks.device import select_device
     from cbctseg.case import load_models
 
@@ -154,7 +152,7 @@ def run_from_args(args: argparse.Namespace, verified: list[VerifiedMember] | Non
     try:
         device = select_device(args.device)
         cases = read_cases(args.input, args.output)
-        members = load_models(args, device, verified)
+        members = load_models(args, device)
     except (ValueError, ModelError, TritonError) as e:  # InputError is a ValueError
         log.error("cohort: %s", e)
         return 2
