@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from cbctseg.model.manifest import MANIFEST, build_manifest, write_manifest
 from cbctseg.resources import RESOURCES_DIR
 from cbctseg.training.convert import DatasetError, convert_dataset, find_cases
@@ -43,13 +41,21 @@ class TrainOptions:
     configuration: str = TF2_CONFIGURATION
     models: tuple[int, ...] = (1, 2)
     num_gpus: int = 1
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str | None = None  # None: cuda when available, else cpu (decided when training starts)
     da_workers: int | None = None
     processes: int = 2
     epochs: int | None = None  # None: the recipe's 1500 epochs
     iterations: int | None = None  # per epoch; None: nnU-Net's 250
     save_every: int | None = None
     extra_env: dict = field(default_factory=dict)
+
+    def resolved_device(self) -> str:
+        """The device nnU-Net trains on. torch is imported only here, so that a bad dataset fails at once."""
+        if self.device is None:
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
     @property
     def dataset(self) -> str:
@@ -70,7 +76,7 @@ def nnunet_env(opts: TrainOptions, results: Path | None = None) -> dict[str, str
         "nnUNet_results": str(results or opts.work / "nnUNet_results_model1"),
         "nnUNet_def_n_proc": str(opts.processes),
         "nnUNet_extTrainer": str(TRAINERS_DIR),
-        "nnUNet_compile": env.get("nnUNet_compile", "f" if opts.device == "cpu" else "t"),
+        "nnUNet_compile": env.get("nnUNet_compile", "f" if opts.resolved_device() == "cpu" else "t"),
     })
     for key, value in (("CBCTSEG_EPOCHS", opts.epochs), ("CBCTSEG_ITERS", opts.iterations),
                        ("CBCTSEG_SAVE_EVERY", opts.save_every)):
@@ -148,7 +154,7 @@ def train(opts: TrainOptions, model: int) -> Path:
     if final.is_file():
         log.info("train model %d: %s exists, skipped", model, final)
         return final
-    args = [str(opts.dataset_id), opts.configuration, "all", "-tr", opts.trainer, "-p", PLANS, "-device", opts.device]
+    args = [str(opts.dataset_id), opts.configuration, "all", "-tr", opts.trainer, "-p", PLANS, "-device", opts.resolved_device()]
     if opts.num_gpus > 1:
         args += ["-num_gpus", str(opts.num_gpus)]
     if (out / "fold_all" / "checkpoint_latest.pth").is_file():
@@ -167,6 +173,8 @@ def train(opts: TrainOptions, model: int) -> Path:
 
 def strip_checkpoint(src: Path, dst: Path) -> None:
     """Copy what inference needs from a checkpoint (no optimizer state), atomically."""
+    import torch
+
     ckpt = torch.load(src, map_location="cpu", weights_only=False)
     keep = {k: ckpt[k] for k in ("network_weights", "init_args", "trainer_name", "inference_allowed_mirroring_axes",
                                  "current_epoch") if k in ckpt}
@@ -180,6 +188,7 @@ def assemble(opts: TrainOptions) -> Path:
     """weights/: plans.json, dataset.json, fold_0 and fold_1 from the two `fold_all` runs, provenance.json and
     checksums.json (the manifest: the two folds and the sha256 of each file inference reads)."""
     import nnunetv2
+    import torch
 
     dirs = [model_dir(opts, m) for m in (1, 2)]
     finals = [d / "fold_all" / "checkpoint_final.pth" for d in dirs]
