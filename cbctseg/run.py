@@ -167,30 +167,45 @@ def _start_error(run: RunRecord, message: str) -> int:
     return 2
 
 
-def _predict_cases(args: argparse.Namespace, run: RunRecord) -> int:
-    """Find the cases, check the environment, load the model, segment each case; returns the exit code."""
-    try:
-        run.cases = gc_io.find_cases(args.input, args.output)
-    except gc_io.InputError as e:
-        return _start_error(run, f"nothing to do: {e}")
-    try:
-        budget_s = preflight.budget_seconds(args.time_budget)
-        temp = preflight.check_temp()
-    except preflight.PreflightError as e:
-        return _start_error(run, f"cannot start: {e}")
-    # the models are verified before the engine loads: a missing or damaged model fails fast too
+class _CannotStart(Exception):
+    """A check before the engine failed: the message for every case."""
+
+
+def _before_the_engine(args: argparse.Namespace, run: RunRecord) -> tuple[float | None, Path, list]:
+    """The checks that need no torch, cheapest first: the cases (into run), the budget, the temporary directory,
+    then the models (`model.verify`). Returns (budget seconds or None, temporary directory, verified models);
+    raises _CannotStart."""
     from cbctseg.model.manifest import ModelError
     from cbctseg.model.verify import verify_members
 
     try:
-        verified = verify_members(args.weights, args.folds)
+        run.cases = gc_io.find_cases(args.input, args.output)
+    except gc_io.InputError as e:
+        raise _CannotStart(f"nothing to do: {e}") from None
+    try:
+        budget_s = preflight.budget_seconds(args.time_budget)
+        temp = preflight.check_temp()
+    except preflight.PreflightError as e:
+        raise _CannotStart(f"cannot start: {e}") from None
+    try:
+        return budget_s, temp, verify_members(args.weights, args.folds)
     except ModelError as e:
-        return _start_error(run, f"cannot load the model: {e}")
+        raise _CannotStart(f"cannot load the model: {e}") from None
+
+
+def _predict_cases(args: argparse.Namespace, run: RunRecord) -> int:
+    """Find the cases, check the environment and the models, load them, segment each case; returns the exit
+    code."""
+    try:
+        budget_s, temp, verified = _before_the_engine(args, run)
+    except _CannotStart as e:
+        return _start_error(run, str(e))
     # the engine (torch, nnU-Net) only now: everything above fails fast without it
     import torch
 
     from cbctseg.case import load_models, predict_case
     from cbctseg.inference.schedule import Budget
+    from cbctseg.model.manifest import ModelError
     from cbctseg.networks.device import describe, select_device
     from cbctseg.networks.triton_backend import TritonError
 

@@ -237,6 +237,27 @@ def test_a_damaged_model_stops_predict_before_any_case(weights, tmp_path, small_
     assert not list(tmp_path.glob(f"out/{OUT_DIR}/*"))
 
 
+ENGINE_IMPORTED = """
+import sys
+from cbctseg.cli import main
+code = main(sys.argv[1:])
+print(code, sorted(m for m in ("torch", "nnunetv2") if m in sys.modules))
+"""
+
+
+def test_a_damaged_model_stops_predict_before_the_engine_is_imported(weights, tmp_path, small_case):
+    """predict checks the models with no torch: a bad one fails in a fraction of a second, not after the
+    seconds torch and nnU-Net take to import."""
+    folder = model_copy(weights, tmp_path / "m")
+    flip_bytes(folder / "fold_0" / "checkpoint_final.pth")
+    for model in (folder, tmp_path / "nowhere"):
+        r = subprocess.run([sys.executable, "-c", ENGINE_IMPORTED, "--input", str(small_case), "--output",
+                            str(tmp_path / "out"), "--weights", str(model)], capture_output=True, text=True,
+                           cwd=REPO, timeout=300)
+        assert r.stdout.split("\n")[-2] == "2 []", (r.stdout[-500:], r.stderr[-3000:])
+        assert "cannot load the model" in r.stderr
+
+
 @pytest.mark.parametrize("command", ["cohort", "compile", "export-triton"])
 def test_other_commands_that_load_a_model_verify_it(weights, tmp_path, small_case, command):
     folder = model_copy(weights, tmp_path / "m")
