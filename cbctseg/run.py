@@ -14,6 +14,8 @@ import traceback
 from pathlib import Path
 
 from cbctseg.io import gc_io, preflight
+from cbctseg.model.manifest import ModelError
+from cbctseg.model.verify import VerifiedMember, verify_members
 from cbctseg.options import CaseOptions
 from cbctseg.resources import task
 from cbctseg.termination import Terminated, raising_on_signals
@@ -171,13 +173,11 @@ class _CannotStart(Exception):
     """A check before the engine failed: the message for every case."""
 
 
-def _before_the_engine(args: argparse.Namespace, run: RunRecord) -> tuple[float | None, Path, list]:
+def _before_the_engine(args: argparse.Namespace, run: RunRecord
+                       ) -> tuple[float | None, Path, list[VerifiedMember]]:
     """The checks that need no torch, cheapest first: the cases (into run), the budget, the temporary directory,
     then the models (`model.verify`). Returns (budget seconds or None, temporary directory, verified models);
     raises _CannotStart."""
-    from cbctseg.model.manifest import ModelError
-    from cbctseg.model.verify import verify_members
-
     try:
         run.cases = gc_io.find_cases(args.input, args.output)
     except gc_io.InputError as e:
@@ -205,7 +205,6 @@ def _predict_cases(args: argparse.Namespace, run: RunRecord) -> int:
 
     from cbctseg.case import load_models, predict_case
     from cbctseg.inference.schedule import Budget
-    from cbctseg.model.manifest import ModelError
     from cbctseg.networks.device import describe, select_device
     from cbctseg.networks.triton_backend import TritonError
 

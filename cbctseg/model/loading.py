@@ -1,7 +1,8 @@
 """An nnU-Net v2 model folder: plans, dataset, folds, mirroring axes and the networks, verified before loading.
 
-Before any checkpoint is unpickled the folder is checked against its manifest (`model_manifest`: every declared
-fold present, every file's sha256, the labels of resources/labels.json); `seal_model` writes that manifest.
+Before any checkpoint is unpickled the folder is checked against its manifest (`verify.verify_model`: every
+declared fold present, every file's sha256, the labels of resources/labels.json); `seal_model` writes that
+manifest.
 """
 from __future__ import annotations
 
