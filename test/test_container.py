@@ -294,8 +294,8 @@ def test_image_segments_a_case_larger_than_dev_shm(image, shared_dir):
     it did. Fine spacing keeps the network's input small (a window or two), so the run stays short.
     """
     input_dir, out = new_dir(shared_dir, "large-in"), new_dir(shared_dir, "large-out")
-    # a phantom of 84^3 voxels of 0.56 mm, each voxel split into 4^3 of 0.14 mm: the same head, made in a tenth
-    # of the time of a 336^3 phantom
+    # a phantom of 84^3 voxels of 0.56 mm, each voxel split into 4^3 of 0.14 mm: the same head, made in a small
+    # fraction of the time a 336^3 phantom takes
     small, _ = make_phantom_arrays(PhantomSpec(shape=(84, 84, 84), seed=0))
     large = small.repeat(4, axis=0).repeat(4, axis=1).repeat(4, axis=2)
     assert large.nbytes > SHM_BYTES and large.dtype == np.float32
