@@ -196,10 +196,12 @@ def _add_parameters(params: dict[str, dict[str, str]]) -> None:
 
 
 def _armed(control: Path | None) -> tuple[int, str] | None:
-    """(answers left before failing, the arming's nonce) while a `failing` block runs, else None."""
+    """(answers to give before failing, the arming's nonce) while a `failing` block runs, else None."""
+    if control is None:
+        return None
     try:
         after, nonce = control.read_text().split()
-    except (AttributeError, OSError, ValueError):
+    except (OSError, ValueError):  # not armed
         return None
     return int(after), nonce
 
