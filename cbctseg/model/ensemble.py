@@ -303,7 +303,7 @@ def members_for(weights: Sequence[Path] | Path | None, app_weights: Path,
       model;
     - no --weights: the same for the unpacked model tarball (gc_model_dir) when it holds something, else for the
       app's weights (`layout.default_model_folder`).
-    The folders of single models are returned as given: load_model locates or refuses them.
+    The folders of single models are returned as given: `verify.verify_model` locates or refuses them.
     """
     if isinstance(weights, (str, Path)):
         weights = [Path(weights)]
