@@ -10,12 +10,15 @@ report. A guard kills a run whose resident set passes --rss-limit-gb (recorded a
 version that would take the machine's memory cannot.
 
     python bench/host_memory.py [--shapes 8x512x512 298x512x512] [--device cpu] [--folds 0] [--no-mirroring]
-        [--ensemble-spacing 1.5] [--code DIR] [--label after] [--machine "..."]
+        [--ensemble-spacing 1.5] [--gpu-memory-gb 15] [--code DIR] [--label after] [--machine "..."]
         [--out bench/results/host_memory/DATE-LABEL.json]
 
 --ensemble-spacing F runs an ensemble instead of one model: the model and a copy of it under a configuration
 whose spacing is F times coarser (it resamples; the first does not), packed by `process.py ensemble` with
 --folds as each member's folds.
+
+--gpu-memory-gb G lets each run use at most G GB of the GPU (process.py's option): on a large GPU, what a GPU of
+that size does, its placement of the sums and its fallbacks included.
 
 --code DIR runs another checkout's process.py (e.g. the code before a change) on the same model and cases.
 """
@@ -98,6 +101,8 @@ def run_case(code: Path, case: Path, model: Path, out: Path, args: argparse.Name
         cmd += ["--folds", *args.folds]
     if args.no_mirroring:
         cmd.append("--no-mirroring")
+    if args.gpu_memory_gb:
+        cmd += ["--gpu-memory-gb", str(args.gpu_memory_gb)]
     env = {**os.environ, "nnUNet_compile": "f"}
     env.setdefault("nnUNet_def_n_proc", "2")
     limit = int(args.rss_limit_gb * 1e9)
@@ -132,6 +137,7 @@ def run_case(code: Path, case: Path, model: Path, out: Path, args: argparse.Name
     if report:
         result.update({"status": report.get("status"), "error": report.get("error"),
                        "peak_gpu_memory_gb": report.get("peak_gpu_memory_gb"),
+                       "peak_gpu_reserved_gb": report.get("peak_gpu_reserved_gb"),
                        "accumulation": report.get("prediction", {}).get("accumulation") or [
                            m.get("prediction", {}).get("accumulation") for m in report["prediction"].get("models", [])],
                        "windows": report.get("prediction", {}).get("windows"),
@@ -163,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["8x512x512", "298x512x512"], help="cases, ZxYxX at 0.3 mm")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="process.py --gpu-memory-gb: the GPU memory a run may use, as on a GPU of that size")
     p.add_argument("--folds", nargs="+", default=None, help="folds to run (default: both)")
     p.add_argument("--no-mirroring", action="store_true")
     p.add_argument("--step-size", type=float, default=0.5)
@@ -197,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": date, "label": a.label, "machine": a.machine, "cpu_count": os.cpu_count(),
         "code": _shown(a.code), "code_commit": git_commit(a.code), "python": platform.python_version(),
-        "settings": {"device": a.device, "folds": a.folds or "all", "mirroring": not a.no_mirroring,
-                     "step_size": a.step_size, "compile": a.compile, "configuration": TF2_CONFIGURATION,
+        "settings": {"device": a.device, "gpu_memory_limit_gb": a.gpu_memory_gb, "folds": a.folds or "all",
+                     "mirroring": not a.no_mirroring, "step_size": a.step_size, "compile": a.compile,
+                     "configuration": TF2_CONFIGURATION,
                      "network": "ToothFairy2 width" if a.full_width else
                      f"narrowed: features {NARROW_FEATURES}, blocks {NARROW_BLOCKS}",
                      "model": str(model), "spacing_mm": TF2_SPACING, "ensemble_spacing_factor": a.ensemble_spacing},
@@ -214,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         result["runs"].append(r)
         print(f"{a.label}: {shape_text}: peak RSS {r['peak_rss_gb']} GB"
               f"{' (limit exceeded, killed)' if r['rss_limit_exceeded'] else ''}, peak GPU "
-              f"{r.get('peak_gpu_memory_gb')} GB, {r.get('accumulation')}, exit {r['exit_code']}, {r['wall_s']} s",
+              f"{r.get('peak_gpu_memory_gb')} GB ({r.get('peak_gpu_reserved_gb')} GB reserved), "
+              f"{r.get('accumulation')}, exit {r['exit_code']}, {r['wall_s']} s",
               file=sys.stderr, flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cbctseg.io import gc_io
-from cbctseg.networks.device import describe, free_memory, peak_memory_gb
+from cbctseg.networks.device import describe, free_memory, peak_memory_gb, peak_reserved_gb
 from cbctseg.inference.finalize import finalize
 from cbctseg.model.loading import Model, ModelError, load_model
 from cbctseg.model.verify import VerifiedMember, verify_members
@@ -120,7 +120,7 @@ def predict_case(case: gc_io.Case, members: list[LoadedModel], device: torch.dev
         "network_input_shape": parts["network_input_shape"], "device": describe(device),
         "seconds": {k: round(v, 3) for k, v in t.items()}, "prediction": parts["prediction"],
         "compile": parts["compile"], "structures_present": present, "removed_by_cutoffs": removed,
-        "peak_gpu_memory_gb": peak_memory_gb(device),
+        "peak_gpu_memory_gb": peak_memory_gb(device), "peak_gpu_reserved_gb": peak_reserved_gb(device),
     }
 
 

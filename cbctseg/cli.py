@@ -33,7 +33,7 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
                    help="nnU-Net model folder, or an ensemble folder (ensemble.json); give it several times to "
                         "ensemble models with different plans (default: /opt/ml/model when it holds a model, "
                         "else weights/)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")
+    options.add_device_arguments(p, "auto (CUDA when available), cuda, cuda:N or cpu")
     p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: all in the model folder)")
     p.add_argument("--step-size", type=options.step_size, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--no-mirroring", action="store_true", help="skip test-time mirroring (4x fewer passes)")

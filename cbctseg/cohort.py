@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from cbctseg.io import gc_io
 from cbctseg.model.loading import ModelError
-from cbctseg.options import ACCUMULATIONS, CaseOptions, add_backend_arguments, positive_int, step_size
+from cbctseg.options import (ACCUMULATIONS, CaseOptions, add_backend_arguments, add_device_arguments, gpu_limit_error,
+                             positive_int, step_size)
 from cbctseg.resources import task
 from cbctseg.inference.schedule import Budget
 from cbctseg.inference.ensemble import LoadedModel
@@ -129,8 +130,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="nnU-Net model folder, or an ensemble folder (ensemble.json); give it several times to "
                         "ensemble models with different plans (default: /opt/ml/model when it holds a model, "
                         "else weights/)")
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (pre- and post-processing; "
-                   "the networks too with --backend local)")
+    add_device_arguments(p, "auto, cuda, cuda:N or cpu (pre- and post-processing; the networks too with "
+                            "--backend local)")
     p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: all in the model folder)")
     p.add_argument("--workers", type=positive_int, default=2, help="cases in flight")
     p.add_argument("--step-size", type=step_size, default=0.5, help="sliding-window step as a fraction of the patch")
@@ -145,12 +146,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """The `cohort` subcommand: 0 when no case failed, 1 when some did, 2 when nothing could start."""
-    from cbctseg.networks.device import select_device
+    from cbctseg.networks.device import limit_memory, select_device
     from cbctseg.case import load_models
 
     t0 = time.monotonic()
+    if (error := gpu_limit_error(args)) is not None:
+        log.error("cohort: %s", error)
+        return 2
     try:
         device = select_device(args.device)
+        limit_memory(device, args.gpu_memory_gb)
         cases = read_cases(args.input, args.output)
         members = load_models(args, device)
     except (ValueError, ModelError, TritonError) as e:  # InputError is a ValueError

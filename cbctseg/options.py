@@ -77,6 +77,32 @@ def positive_int(value: str) -> int:
     return n
 
 
+def gigabytes(value: str) -> float:
+    """A positive, finite number of GB."""
+    try:
+        gb = float(value)
+    except ValueError:
+        gb = math.nan
+    if not 0 < gb < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of GB")
+    return gb
+
+
+def add_device_arguments(p: argparse.ArgumentParser, device_help: str) -> None:
+    """--device and --gpu-memory-gb, for `predict` and `cohort`."""
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--gpu-memory-gb", type=gigabytes, default=None,
+                   help="use at most this many GB (1e9 bytes) of the GPU, as on a GPU of that size: to share a "
+                        "GPU between runs, or to see on a large GPU what a small one does (default: all of it)")
+
+
+def gpu_limit_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with asking for a GPU memory limit on a run sent to the CPU, or None."""
+    if getattr(args, "gpu_memory_gb", None) is not None and args.device == "cpu":
+        return "--gpu-memory-gb limits a GPU's memory, but --device cpu runs on the CPU"
+    return None
+
+
 def add_backend_arguments(p: argparse.ArgumentParser) -> None:
     """--backend and the Triton options, for `predict` and `cohort`. Here rather than beside the Triton backend,
     which imports torch: a command line that argparse refuses is answered at once."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from cbctseg.io import gc_io, preflight
 from cbctseg.model.manifest import ModelError
 from cbctseg.model.verify import VerifiedMember, verify_members
-from cbctseg.options import CaseOptions
+from cbctseg.options import CaseOptions, gpu_limit_error
 from cbctseg.resources import task
 from cbctseg.termination import Terminated, raising_on_signals
 
@@ -175,13 +175,15 @@ class _CannotStart(Exception):
 
 def _before_the_engine(args: argparse.Namespace, run: RunRecord
                        ) -> tuple[float | None, Path, list[VerifiedMember]]:
-    """The checks that need no torch, cheapest first: the cases (into run), the budget, the temporary directory,
-    then the models (`model.verify`). Returns (budget seconds or None, temporary directory, verified models);
-    raises _CannotStart."""
+    """The checks that need no torch, cheapest first: the cases (into run), the device options, the budget, the
+    temporary directory, then the models (`model.verify`). Returns (budget seconds or None, temporary directory,
+    verified models); raises _CannotStart."""
     try:
         run.cases = gc_io.find_cases(args.input, args.output)
     except gc_io.InputError as e:
         raise _CannotStart(f"nothing to do: {e}") from None
+    if (error := gpu_limit_error(args)) is not None:
+        raise _CannotStart(f"cannot start: {error}")
     try:
         budget_s = preflight.budget_seconds(args.time_budget)
         temp = preflight.check_temp()
@@ -205,11 +207,12 @@ def _predict_cases(args: argparse.Namespace, run: RunRecord) -> int:
 
     from cbctseg.case import load_models, predict_case
     from cbctseg.inference.schedule import Budget
-    from cbctseg.networks.device import describe, select_device
+    from cbctseg.networks.device import describe, limit_memory, select_device
     from cbctseg.networks.triton_backend import TritonError
 
     try:
         device = select_device(args.device)
+        limit_memory(device, args.gpu_memory_gb)
     except (ValueError, RuntimeError) as e:
         return _start_error(run, f"cannot start: {e}")
     log.info("temporary directory %s (%.1f GiB free), output %s (%.1f GiB free)", temp, preflight.free_gib(temp),

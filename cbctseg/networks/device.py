@@ -47,20 +47,65 @@ def describe(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         info.update({"gpu": props.name, "gpu_capability": f"{props.major}.{props.minor}",
                      "gpu_memory_gb": round(props.total_memory / 1e9, 2), "cudnn": torch.backends.cudnn.version()})
+        if _index(device) in _LIMITS:
+            info["gpu_memory_limit_gb"] = round(_LIMITS[_index(device)] / 1e9, 2)
         info.update(_nvml())
     return info
 
 
+# bytes this process may use on a CUDA device, by device index (limit_memory)
+_LIMITS: dict[int, int] = {}
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def limit_memory(device: torch.device, gb: float | None) -> None:
+    """Let this process use at most `gb` GB (1e9 bytes) of the CUDA device, as on a GPU of that size: torch's
+    allocator refuses more (the engine's out-of-memory fallbacks take over) and `free_memory` reports what is
+    left of it, so the engine places its sums as it would there. For sharing a GPU between runs, and for
+    measuring on a large GPU what a small one would do. None: no limit (a limit set before is lifted). On the
+    CPU a limit is ignored, with a warning.
+
+    Raises ValueError when the GPU has less memory than `gb`."""
+    if device.type != "cuda":
+        if gb is not None:
+            log.warning("--gpu-memory-gb %g ignored: the run is on the CPU", gb)
+        return
+    index = _index(device)
+    if gb is None:
+        if _LIMITS.pop(index, None) is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
+        return
+    total = torch.cuda.get_device_properties(index).total_memory
+    limit = int(gb * 1e9)
+    if limit > total:
+        raise ValueError(f"--gpu-memory-gb {gb:g} is more than the GPU's {total / 1e9:.1f} GB")
+    torch.cuda.set_per_process_memory_fraction(limit / total, index)
+    _LIMITS[index] = limit
+
+
 def free_memory(device: torch.device) -> int | None:
-    """Free bytes on a CUDA device (None on the CPU)."""
+    """Free bytes on a CUDA device, within this process's limit (`limit_memory`) when it has one; None on the
+    CPU."""
     if device.type != "cuda":
         return None
     free, _total = torch.cuda.mem_get_info(device)
-    return int(free)
+    index = _index(device)
+    if index in _LIMITS:
+        # the allocator's reserved blocks count as used, as they do in the device's own free memory
+        free = min(free, _LIMITS[index] - torch.cuda.memory_reserved(index))
+    return max(0, int(free))
 
 
 def peak_memory_gb(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None
+
+
+def peak_reserved_gb(device: torch.device) -> float | None:
+    """The most GPU memory torch's allocator held at once (what the GPU must have, beside CUDA's own context)."""
+    return round(torch.cuda.max_memory_reserved(device) / 1e9, 3) if device.type == "cuda" else None
 
 
 def slug(text: str) -> str:
