@@ -94,6 +94,23 @@ def run_process(*args: str, timeout: float = 900) -> subprocess.CompletedProcess
     return finish_process(start_process(*args), timeout)
 
 
+ENGINE_IMPORTED = """
+import sys
+from cbctseg.cli import main
+code = main(sys.argv[1:])
+print(code, sorted(m for m in ("torch", "nnunetv2") if m in sys.modules))
+"""
+
+
+def run_noting_the_engine(*args: str) -> tuple[str, subprocess.CompletedProcess]:
+    """process.py's command line ARGS in a fresh process, and what it printed last: its exit code and which of
+    torch and nnunetv2 it imported ("2 []": exit code 2, neither imported)."""
+    r = subprocess.run([sys.executable, "-c", ENGINE_IMPORTED, *args], capture_output=True, text=True, cwd=REPO,
+                       timeout=300)
+    lines = r.stdout.splitlines()
+    return (lines[-1] if lines else ""), r
+
+
 @contextlib.contextmanager
 def process_in_background(*args: str, timeout: float = 900) -> Iterator[Callable[[], subprocess.CompletedProcess]]:
     """process.py ARGS running while the block computes something else (a reference); call the yielded function

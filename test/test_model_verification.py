@@ -23,7 +23,7 @@ import torch
 from cbctseg.model.loading import ModelError, load_model, seal_model
 from cbctseg.model.layout import MODEL_DIR_ENV, default_model_folder
 from cbctseg.model.manifest import MANIFEST, build_manifest, check_labels, write_manifest
-from conftest import REPO, write_phantom
+from conftest import REPO, run_noting_the_engine, write_phantom
 
 OUT_DIR = "images/oral-pharyngeal-segmentation"
 CONFIG = "3d_fullres_torchres_tiny"
@@ -237,24 +237,15 @@ def test_a_damaged_model_stops_predict_before_any_case(weights, tmp_path, small_
     assert not list(tmp_path.glob(f"out/{OUT_DIR}/*"))
 
 
-ENGINE_IMPORTED = """
-import sys
-from cbctseg.cli import main
-code = main(sys.argv[1:])
-print(code, sorted(m for m in ("torch", "nnunetv2") if m in sys.modules))
-"""
-
-
 def test_a_damaged_model_stops_predict_before_the_engine_is_imported(weights, tmp_path, small_case):
     """predict checks the models with no torch: a bad one fails in a fraction of a second, not after the
     seconds torch and nnU-Net take to import."""
     folder = model_copy(weights, tmp_path / "m")
     flip_bytes(folder / "fold_0" / "checkpoint_final.pth")
     for model in (folder, tmp_path / "nowhere"):
-        r = subprocess.run([sys.executable, "-c", ENGINE_IMPORTED, "--input", str(small_case), "--output",
-                            str(tmp_path / "out"), "--weights", str(model)], capture_output=True, text=True,
-                           cwd=REPO, timeout=300)
-        assert r.stdout.split("\n")[-2] == "2 []", (r.stdout[-500:], r.stderr[-3000:])
+        said, r = run_noting_the_engine("--input", str(small_case), "--output", str(tmp_path / "out"), "--weights",
+                                        str(model))
+        assert said == "2 []", (r.stdout[-500:], r.stderr[-3000:])
         assert "cannot load the model" in r.stderr
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,7 @@ import torch
 from cbctseg.cli import build_parser
 from cbctseg.networks.device import free_memory, limit_memory
 from cbctseg.options import CaseOptions
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, run_noting_the_engine
 
 
 @pytest.mark.parametrize("command", ["predict", "cohort"])
@@ -42,22 +40,13 @@ def test_options_made_in_code_are_checked_too(bad):
         CaseOptions(**bad)
 
 
-RUN_AND_SAY_WHAT_WAS_IMPORTED = """
-import sys
-from cbctseg.cli import main
-code = main(sys.argv[1:])
-print(code, sorted(m for m in ("torch", "nnunetv2") if m in sys.modules))
-"""
-
-
 def test_a_gpu_memory_limit_on_a_cpu_run_is_refused_before_the_engine(tmp_path):
     """--device cpu with --gpu-memory-gb contradicts itself: predict says so before importing torch, and
     cohort before loading a model; neither writes a label map."""
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-c", RUN_AND_SAY_WHAT_WAS_IMPORTED, "--input", str(REPO / "test" / "input"),
-                        "--output", str(out), "--device", "cpu", "--gpu-memory-gb", "8"],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert r.stdout.split("\n")[-2] == "2 []", (r.stdout[-500:], r.stderr[-3000:])
+    said, r = run_noting_the_engine("--input", str(REPO / "test" / "input"), "--output", str(out), "--device", "cpu",
+                                    "--gpu-memory-gb", "8")
+    assert said == "2 []", (r.stdout[-500:], r.stderr[-3000:])
     assert "--gpu-memory-gb limits a GPU's memory, but --device cpu runs on the CPU" in r.stderr
     r = subprocess.run([sys.executable, "process.py", "cohort", "--input", str(REPO / "test" / "input"),
                         "--output", str(tmp_path / "cohort"), "--device", "cpu", "--gpu-memory-gb", "8"],
