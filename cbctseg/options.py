@@ -98,7 +98,7 @@ def add_device_arguments(p: argparse.ArgumentParser, device_help: str) -> None:
 
 def gpu_limit_error(args: argparse.Namespace) -> str | None:
     """What is wrong with asking for a GPU memory limit on a run sent to the CPU, or None."""
-    if getattr(args, "gpu_memory_gb", None) is not None and args.device == "cpu":
+    if args.gpu_memory_gb is not None and args.device == "cpu":
         return "--gpu-memory-gb limits a GPU's memory, but --device cpu runs on the CPU"
     return None
 

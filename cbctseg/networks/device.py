@@ -22,6 +22,14 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
+# bytes this process may use on a CUDA device, by device index (limit_memory)
+_LIMITS: dict[int, int] = {}
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _nvml() -> dict:
     try:
         import pynvml
@@ -51,14 +59,6 @@ def describe(device: torch.device) -> dict:
             info["gpu_memory_limit_gb"] = round(_LIMITS[_index(device)] / 1e9, 2)
         info.update(_nvml())
     return info
-
-
-# bytes this process may use on a CUDA device, by device index (limit_memory)
-_LIMITS: dict[int, int] = {}
-
-
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def limit_memory(device: torch.device, gb: float | None) -> None:
