@@ -51,11 +51,11 @@ class TrainOptions:
 
     def resolved_device(self) -> str:
         """The device nnU-Net trains on. torch is imported only here, so that a bad dataset fails at once."""
-        if self.device is None:
-            import torch
+        if self.device is not None:
+            return self.device
+        import torch
 
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
     def dataset(self) -> str:
@@ -154,7 +154,8 @@ def train(opts: TrainOptions, model: int) -> Path:
     if final.is_file():
         log.info("train model %d: %s exists, skipped", model, final)
         return final
-    args = [str(opts.dataset_id), opts.configuration, "all", "-tr", opts.trainer, "-p", PLANS, "-device", opts.resolved_device()]
+    args = [str(opts.dataset_id), opts.configuration, "all", "-tr", opts.trainer, "-p", PLANS,
+            "-device", opts.resolved_device()]
     if opts.num_gpus > 1:
         args += ["-num_gpus", str(opts.num_gpus)]
     if (out / "fold_all" / "checkpoint_latest.pth").is_file():
